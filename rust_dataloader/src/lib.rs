@@ -1,0 +1,8 @@
+//! SpongeBob's data engine. The core (jsonl records, template and mask, packing, token cache)
+//! is plain Rust, tested with `cargo test`; `python` is the thin PyO3 layer over it.
+
+pub mod error;
+pub mod jsonl;
+pub mod tokenizer;
+
+mod python;

@@ -1,0 +1,292 @@
+//! The chat template and its loss mask, built by construction (DESIGN §3).
+//!
+//! A conversation is rendered turn by turn as
+//!
+//! ```text
+//! <s>{role}\n{content}</s>\n
+//! ```
+//!
+//! and every piece is tokenized on its own: the specials are emitted as ids, the header
+//! `{role}\n`, the content and the trailing `\n` are encoded as plain text. Because we know
+//! where each piece starts, the loss mask needs no searching: an assistant turn trains its
+//! content tokens and its `</s>`, nothing else. Plain text never matches added tokens, so a
+//! literal `<s>` in content stays text. Inside assistant content the four reasoning tags are
+//! split out and emitted as their token (or, with a tokenizer that lacks them, as their plain
+//! token sequence); those tokens carry the class [`TAG`] so the loader can weigh them.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tokenizers::tokenizer::{Model, Normalizer, PreTokenizer};
+use tokenizers::{NormalizedString, OffsetReferential, OffsetType, PreTokenizedString, Tokenizer};
+
+use crate::error::{DataError, Result};
+use crate::jsonl::{strip_document_markers, Message, Record, Role};
+
+/// Bumped whenever rendering or masking changes; part of the token cache key.
+pub const TEMPLATE_VERSION: u32 = 1;
+
+/// The system prompt used when a conversation does not start with one.
+pub const DEFAULT_SYSTEM: &str = "你是 SpongeBob，一个乐于助人的人工智能助手。";
+
+/// The reasoning tags recognised inside assistant content.
+pub const TAGS: [&str; 4] = ["<think>", "</think>", "<answer>", "</answer>"];
+
+/// Per-token training class (stored in the token cache as one byte).
+pub const UNTRAINED: u8 = 0;
+pub const TRAINED: u8 = 1;
+pub const TAG: u8 = 2;
+
+/// Token ids plus one class byte per token (the class of *predicting* that token).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub classes: Vec<u8>,
+}
+
+impl Encoded {
+    fn push(&mut self, ids: &[u32], class: u8) {
+        self.ids.extend_from_slice(ids);
+        self.classes.extend(std::iter::repeat_n(class, ids.len()));
+    }
+
+    /// Loss weights: 0 untrained, 1 trained, `think_weight` for tag tokens.
+    pub fn weights(&self, think_weight: f32) -> Vec<f32> {
+        self.classes.iter().map(|&c| class_weight(c, think_weight)).collect()
+    }
+}
+
+pub fn class_weight(class: u8, think_weight: f32) -> f32 {
+    match class {
+        UNTRAINED => 0.0,
+        TAG => think_weight,
+        _ => 1.0,
+    }
+}
+
+pub struct ChatTokenizer {
+    tok: Tokenizer,
+    path: PathBuf,
+    hash: String,
+    pub bos: u32,
+    pub eos: u32,
+    pub unk: u32,
+    /// Token sequence of each tag (one id when the tokenizer has it as a token).
+    tag_ids: [Vec<u32>; 4],
+    headers: [Vec<u32>; 3],
+    newline: Vec<u32>,
+    default_system: Vec<u32>,
+}
+
+fn tok_err(path: &Path, e: impl std::fmt::Display) -> DataError {
+    DataError::Tokenizer {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+impl ChatTokenizer {
+    /// Load `DIR/tokenizer.json` (or a `tokenizer.json` path).
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() {
+            path.join("tokenizer.json")
+        } else {
+            path.to_owned()
+        };
+        let bytes = std::fs::read(&file).map_err(|e| DataError::io(&file, e))?;
+        let tok = Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(&file, e))?;
+        let hash = format!("{:x}", Sha256::digest(&bytes));
+        let special = |t: &str| {
+            tok.token_to_id(t)
+                .ok_or_else(|| tok_err(&file, format!("missing special token {t}")))
+        };
+        let (unk, bos, eos) = (special("<unk>")?, special("<s>")?, special("</s>")?);
+        let mut me = ChatTokenizer {
+            tok,
+            path: file,
+            hash,
+            bos,
+            eos,
+            unk,
+            tag_ids: Default::default(),
+            headers: Default::default(),
+            newline: vec![],
+            default_system: vec![],
+        };
+        for (i, tag) in TAGS.iter().enumerate() {
+            me.tag_ids[i] = match me.tok.token_to_id(tag) {
+                Some(id) => vec![id],
+                None => me.encode_plain(tag)?,
+            };
+        }
+        for role in [Role::System, Role::User, Role::Assistant] {
+            me.headers[role as usize] = me.encode_plain(&format!("{}\n", role.name()))?;
+        }
+        me.newline = me.encode_plain("\n")?;
+        me.default_system = me.encode_plain(DEFAULT_SYSTEM)?;
+        Ok(me)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// SHA-256 of the tokenizer.json bytes (part of the cache key).
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tok.get_vocab_size(true)
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tok
+    }
+
+    pub fn tag_ids(&self) -> &[Vec<u32>; 4] {
+        &self.tag_ids
+    }
+
+    /// Encode text with no special-token matching: normalizer, pre-tokenizer, model.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut normalized = NormalizedString::from(text);
+        if let Some(n) = self.tok.get_normalizer() {
+            n.normalize(&mut normalized)
+                .map_err(|e| DataError::Tokenize(e.to_string()))?;
+        }
+        let mut pre = PreTokenizedString::from(normalized);
+        if let Some(p) = self.tok.get_pre_tokenizer() {
+            p.pre_tokenize(&mut pre)
+                .map_err(|e| DataError::Tokenize(e.to_string()))?;
+        }
+        let model = self.tok.get_model();
+        pre.tokenize(|n| model.tokenize(n.get()))
+            .map_err(|e| DataError::Tokenize(e.to_string()))?;
+        let mut ids = Vec::with_capacity(text.len() / 2);
+        for (_, _, tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::None) {
+            if let Some(tokens) = tokens {
+                ids.extend(tokens.iter().map(|t| t.id));
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Encode like the `tokenizers` library does (added tokens matched in the text).
+    pub fn encode_with_specials(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tok
+            .encode(text, false)
+            .map_err(|e| DataError::Tokenize(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.tok
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| DataError::Tokenize(e.to_string()))
+    }
+
+    /// `<s>` + text (one marker pair stripped) + `</s>`; every token but `<s>` is trained.
+    pub fn encode_document(&self, text: &str) -> Result<Encoded> {
+        let body = self.encode_plain(strip_document_markers(text))?;
+        let mut out = Encoded::default();
+        out.push(&[self.bos], UNTRAINED);
+        out.push(&body, TRAINED);
+        out.push(&[self.eos], TRAINED);
+        Ok(out)
+    }
+
+    /// Assistant content: plain text with the reasoning tags split out and classed [`TAG`].
+    fn push_assistant_content(&self, out: &mut Encoded, content: &str) -> Result<()> {
+        let mut rest = content;
+        while !rest.is_empty() {
+            let next = TAGS
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| rest.find(t).map(|pos| (pos, i)))
+                .min();
+            match next {
+                None => {
+                    out.push(&self.encode_plain(rest)?, TRAINED);
+                    break;
+                }
+                Some((pos, i)) => {
+                    out.push(&self.encode_plain(&rest[..pos])?, TRAINED);
+                    out.push(&self.tag_ids[i], TAG);
+                    rest = &rest[pos + TAGS[i].len()..];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn push_turn(&self, out: &mut Encoded, role: Role, content: &str) -> Result<()> {
+        let trained = role == Role::Assistant;
+        out.push(&[self.bos], UNTRAINED);
+        out.push(&self.headers[role as usize], UNTRAINED);
+        if trained {
+            self.push_assistant_content(out, content)?;
+        } else {
+            out.push(&self.encode_plain(content)?, UNTRAINED);
+        }
+        out.push(&[self.eos], if trained { TRAINED } else { UNTRAINED });
+        out.push(&self.newline, UNTRAINED);
+        Ok(())
+    }
+
+    fn push_history(&self, out: &mut Encoded, messages: &[Message]) -> Result<()> {
+        if messages.first().map(|m| m.role) != Some(Role::System) {
+            out.push(&[self.bos], UNTRAINED);
+            out.push(&self.headers[Role::System as usize], UNTRAINED);
+            out.push(&self.default_system, UNTRAINED);
+            out.push(&[self.eos], UNTRAINED);
+            out.push(&self.newline, UNTRAINED);
+        }
+        for m in messages {
+            self.push_turn(out, m.role, &m.content)?;
+        }
+        Ok(())
+    }
+
+    /// A whole training conversation with its per-token classes.
+    pub fn encode_conversation(&self, messages: &[Message]) -> Result<Encoded> {
+        let mut out = Encoded::default();
+        self.push_history(&mut out, messages)?;
+        Ok(out)
+    }
+
+    /// The history followed by `<s>assistant\n`: what the model continues at chat time.
+    pub fn encode_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let mut out = Encoded::default();
+        self.push_history(&mut out, messages)?;
+        out.push(&[self.bos], UNTRAINED);
+        out.push(&self.headers[Role::Assistant as usize], UNTRAINED);
+        Ok(out.ids)
+    }
+
+    pub fn encode_record(&self, record: &Record) -> Result<Encoded> {
+        match record {
+            Record::Text(t) => self.encode_document(t),
+            Record::Chat(m) => self.encode_conversation(m),
+        }
+    }
+}
+
+/// The template as a string (what `tokenizer_config.json`'s `chat_template` renders).
+pub fn render(messages: &[Message], add_generation_prompt: bool) -> String {
+    let mut s = String::new();
+    if messages.first().map(|m| m.role) != Some(Role::System) {
+        s.push_str(&format!("<s>system\n{DEFAULT_SYSTEM}</s>\n"));
+    }
+    for m in messages {
+        s.push_str(&format!("<s>{}\n{}</s>\n", m.role.name(), m.content));
+    }
+    if add_generation_prompt {
+        s.push_str("<s>assistant\n");
+    }
+    s
+}
