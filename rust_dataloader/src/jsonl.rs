@@ -295,22 +295,48 @@ mod tests {
     fn classifies_bad_lines() {
         let p = |s: &str, k| parse_line(s.as_bytes(), k);
         assert_eq!(p("  ", Kind::Text), Ok(None));
-        assert_eq!(p("{\"text\": 3}", Kind::Text).unwrap_err().code(), "bad_schema");
-        assert_eq!(p("{\"txt\": \"a\"}", Kind::Text).unwrap_err().code(), "bad_schema");
-        assert_eq!(p("{\"text\": \"a\"", Kind::Text).unwrap_err().code(), "invalid_json");
-        assert_eq!(p("{\"text\": \"\\ud800\"}", Kind::Text).unwrap_err().code(), "invalid_json");
-        assert_eq!(parse_line(b"{\"text\": \"\xff\"}", Kind::Text).unwrap_err().code(), "invalid_utf8");
-        assert_eq!(p("{\"conversations\": []}", Kind::Chat).unwrap_err().code(), "empty_conversation");
         assert_eq!(
-            p("{\"conversations\": [{\"role\": \"bot\", \"content\": \"x\"}]}", Kind::Chat)
+            p("{\"text\": 3}", Kind::Text).unwrap_err().code(),
+            "bad_schema"
+        );
+        assert_eq!(
+            p("{\"txt\": \"a\"}", Kind::Text).unwrap_err().code(),
+            "bad_schema"
+        );
+        assert_eq!(
+            p("{\"text\": \"a\"", Kind::Text).unwrap_err().code(),
+            "invalid_json"
+        );
+        assert_eq!(
+            p("{\"text\": \"\\ud800\"}", Kind::Text).unwrap_err().code(),
+            "invalid_json"
+        );
+        assert_eq!(
+            parse_line(b"{\"text\": \"\xff\"}", Kind::Text)
                 .unwrap_err()
                 .code(),
+            "invalid_utf8"
+        );
+        assert_eq!(
+            p("{\"conversations\": []}", Kind::Chat).unwrap_err().code(),
+            "empty_conversation"
+        );
+        assert_eq!(
+            p(
+                "{\"conversations\": [{\"role\": \"bot\", \"content\": \"x\"}]}",
+                Kind::Chat
+            )
+            .unwrap_err()
+            .code(),
             "unknown_role"
         );
         assert_eq!(
-            p("{\"conversations\": [{\"role\": \"user\", \"content\": \"x\"}]}", Kind::Chat)
-                .unwrap_err()
-                .code(),
+            p(
+                "{\"conversations\": [{\"role\": \"user\", \"content\": \"x\"}]}",
+                Kind::Chat
+            )
+            .unwrap_err()
+            .code(),
             "no_assistant"
         );
     }

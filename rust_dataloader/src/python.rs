@@ -3,13 +3,15 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use numpy::{IntoPyArray, PyArray1};
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods};
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::error::{BadReason, DataError};
 use crate::jsonl::{check_conversation, JsonlReader, Kind, Message, Record};
+use crate::loader::{Loader, LoaderConfig, Prefetcher};
+use crate::pack::Plan;
 use crate::tokenizer::{self, ChatTokenizer as Core};
 
 pyo3::create_exception!(
@@ -44,6 +46,8 @@ fn messages_from_py(messages: &Bound<'_, PyAny>, training: bool) -> PyResult<Vec
     }
     check_conversation(raw, training).map_err(|reason| PyValueError::new_err(reason.to_string()))
 }
+
+type Array1<'py, T> = Bound<'py, PyArray1<T>>;
 
 /// The Rust chat tokenizer: the one place where the template is rendered and masked.
 #[pyclass(module = "spongebob._rust", frozen)]
@@ -92,7 +96,7 @@ impl ChatTokenizer {
         py: Python<'py>,
         messages: &Bound<'py, PyAny>,
         think_weight: f32,
-    ) -> PyResult<(Bound<'py, PyArray1<i32>>, Bound<'py, PyArray1<f32>>)> {
+    ) -> PyResult<(Array1<'py, i32>, Array1<'py, f32>)> {
         let msgs = messages_from_py(messages, true)?;
         let enc = py.detach(|| self.core.encode_conversation(&msgs))?;
         let weights = enc.weights(think_weight);
@@ -290,10 +294,223 @@ pub(crate) fn parse_policy(s: &str) -> PyResult<bool> {
 fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ChatTokenizer>()?;
     m.add_class::<TextStream>()?;
+    m.add_class::<PackedLoader>()?;
     m.add("DataFormatError", m.py().get_type::<DataFormatError>())?;
     m.add("TEMPLATE_VERSION", tokenizer::TEMPLATE_VERSION)?;
     m.add("DEFAULT_SYSTEM", tokenizer::DEFAULT_SYSTEM)?;
     m.add("BAD_LINE_REASONS", BadReason::CODES.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
+}
+
+type Array2<'py, T> = Bound<'py, numpy::PyArray2<T>>;
+type BatchArrays<'py> = (
+    Array2<'py, i64>,
+    Array2<'py, i64>,
+    Array2<'py, f32>,
+    Array2<'py, i64>,
+);
+
+/// The packed batch loader (see docs/architecture.md). Position: `(epoch, batches handed out)`.
+#[pyclass(module = "spongebob._rust")]
+pub struct PackedLoader {
+    loader: Arc<Loader>,
+    epoch: u64,
+    pos: usize,
+    plan: Option<(u64, Arc<Plan>)>,
+    prefetch: Option<Prefetcher>,
+    depth: usize,
+}
+
+impl PackedLoader {
+    fn plan_for(&mut self, py: Python<'_>, epoch: u64) -> Arc<Plan> {
+        if let Some((e, p)) = &self.plan {
+            if *e == epoch {
+                return p.clone();
+            }
+        }
+        let loader = self.loader.clone();
+        let plan = Arc::new(py.detach(|| loader.plan(epoch)));
+        self.plan = Some((epoch, plan.clone()));
+        plan
+    }
+
+    fn drop_prefetch(&mut self) {
+        if let Some(p) = self.prefetch.take() {
+            if p.pid != std::process::id() {
+                // Inherited through fork: its thread does not exist here and its channel
+                // may hold a lock taken at fork time. Leak it rather than touch it.
+                std::mem::forget(p);
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl PackedLoader {
+    #[new]
+    #[pyo3(signature = (paths, tokenizer, kind, seq_len, batch_size, seed = 0, rank = 0,
+        world_size = 1, think_weight = 1.0, cache_dir = None, on_bad_line = "error",
+        prefetch = 4, num_threads = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        paths: Vec<PathBuf>,
+        tokenizer: &ChatTokenizer,
+        kind: &str,
+        seq_len: usize,
+        batch_size: usize,
+        seed: u64,
+        rank: usize,
+        world_size: usize,
+        think_weight: f32,
+        cache_dir: Option<PathBuf>,
+        on_bad_line: &str,
+        prefetch: usize,
+        num_threads: Option<usize>,
+    ) -> PyResult<Self> {
+        let cfg = LoaderConfig {
+            paths,
+            kind: Kind::parse(kind)?,
+            seq_len,
+            batch_size,
+            seed,
+            rank,
+            world_size,
+            think_weight,
+            cache_dir,
+            skip_bad: parse_policy(on_bad_line)?,
+            threads: num_threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        };
+        let core = tokenizer.core.clone();
+        let loader = py.detach(|| Loader::new(cfg, &core))?;
+        Ok(PackedLoader {
+            loader: Arc::new(loader),
+            epoch: 0,
+            pos: 0,
+            plan: None,
+            prefetch: None,
+            depth: prefetch,
+        })
+    }
+
+    /// The next batch of the current epoch as four [B, T] arrays, or None at its end (the
+    /// position then moves to the next epoch).
+    fn next_batch<'py>(&mut self, py: Python<'py>) -> PyResult<Option<BatchArrays<'py>>> {
+        let plan = self.plan_for(py, self.epoch);
+        let n = self.loader.batches_in(&plan);
+        if self.pos >= n {
+            self.drop_prefetch();
+            self.epoch += 1;
+            self.pos = 0;
+            return Ok(None);
+        }
+        let fresh = matches!(&self.prefetch,
+            Some(p) if p.pid == std::process::id() && p.epoch == self.epoch && p.next == self.pos);
+        if !fresh {
+            self.drop_prefetch();
+            self.prefetch = Some(Prefetcher::spawn(
+                self.loader.clone(),
+                plan,
+                self.epoch,
+                self.pos,
+                n,
+                self.depth,
+            )?);
+        }
+        let p = self.prefetch.as_mut().expect("set above");
+        let rx = p.rx.clone();
+        let got = py.detach(move || rx.recv());
+        let batch = match got {
+            Ok(b) => b?,
+            Err(_) => return Err(PyValueError::new_err("the prefetch thread stopped")),
+        };
+        p.next += 1;
+        self.pos += 1;
+        let (b, t) = (self.loader.cfg.batch_size, self.loader.cfg.seq_len);
+        Ok(Some((
+            batch.input_ids.into_pyarray(py).reshape([b, t])?,
+            batch.labels.into_pyarray(py).reshape([b, t])?,
+            batch.loss_weights.into_pyarray(py).reshape([b, t])?,
+            batch.position_ids.into_pyarray(py).reshape([b, t])?,
+        )))
+    }
+
+    /// Batches this rank gets in the current epoch.
+    fn batches_per_epoch(&mut self, py: Python<'_>) -> usize {
+        let plan = self.plan_for(py, self.epoch);
+        self.loader.batches_in(&plan)
+    }
+
+    fn set_epoch(&mut self, epoch: u64) {
+        self.drop_prefetch();
+        self.epoch = epoch;
+        self.pos = 0;
+    }
+
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("version", 1)?;
+        d.set_item("epoch", self.epoch)?;
+        d.set_item("batches", self.pos)?;
+        d.set_item("fingerprint", &self.loader.fingerprint)?;
+        Ok(d)
+    }
+
+    fn load_state_dict(&mut self, state: &Bound<'_, PyDict>) -> PyResult<()> {
+        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
+            state
+                .get_item(k)?
+                .ok_or_else(|| PyValueError::new_err(format!("loader state has no {k:?}")))
+        };
+        let fp: String = get("fingerprint")?.extract()?;
+        if fp != self.loader.fingerprint {
+            return Err(PyValueError::new_err(
+                "loader state comes from a different configuration (files, tokenizer, seq_len, \
+                 batch size, seed, rank, world size, think_weight or bad-line policy differ)",
+            ));
+        }
+        let version: u32 = get("version")?.extract()?;
+        if version != 1 {
+            return Err(PyValueError::new_err(format!(
+                "unknown loader state version {version}"
+            )));
+        }
+        self.drop_prefetch();
+        self.epoch = get("epoch")?.extract()?;
+        self.pos = get("batches")?.extract()?;
+        Ok(())
+    }
+
+    fn stats<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let plan = self.plan_for(py, self.epoch);
+        let l = &self.loader;
+        let d = PyDict::new(py);
+        let rows = plan.num_rows();
+        d.set_item("documents", l.num_docs())?;
+        d.set_item("tokens", l.total_tokens())?;
+        d.set_item("rows", rows)?;
+        d.set_item("used_tokens", plan.used_tokens)?;
+        let fill = if rows == 0 {
+            0.0
+        } else {
+            plan.used_tokens as f64 / (rows as f64 * l.row_len() as f64)
+        };
+        d.set_item("fill", fill)?;
+        d.set_item("truncated", l.truncated())?;
+        d.set_item("batches_per_epoch", l.batches_in(&plan))?;
+        d.set_item("epoch", self.epoch)?;
+        let skipped = PyDict::new(py);
+        for (k, v) in l.skipped() {
+            skipped.set_item(k, v)?;
+        }
+        d.set_item("skipped", skipped)?;
+        Ok(d)
+    }
+
+    #[getter]
+    fn fingerprint(&self) -> &str {
+        &self.loader.fingerprint
+    }
 }

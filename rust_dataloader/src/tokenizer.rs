@@ -52,7 +52,10 @@ impl Encoded {
 
     /// Loss weights: 0 untrained, 1 trained, `think_weight` for tag tokens.
     pub fn weights(&self, think_weight: f32) -> Vec<f32> {
-        self.classes.iter().map(|&c| class_weight(c, think_weight)).collect()
+        self.classes
+            .iter()
+            .map(|&c| class_weight(c, think_weight))
+            .collect()
     }
 }
 

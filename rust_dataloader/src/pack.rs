@@ -1,0 +1,225 @@
+//! The epoch plan: shuffle documents, pack them into rows, and map batches to rows by rank.
+//! Pure functions of document lengths and the configuration (docs/architecture.md).
+
+use std::collections::BTreeSet;
+
+/// A slice of one document placed in a row: tokens `[start, start + len)` of document `doc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub doc: u32,
+    pub start: u32,
+    pub len: u32,
+}
+
+/// All rows of an epoch: row `r` is `pieces[row_ends[r-1]..row_ends[r]]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub pieces: Vec<Piece>,
+    pub row_ends: Vec<usize>,
+    /// Tokens placed in rows (the rest of `rows × (T+1)` is padding).
+    pub used_tokens: u64,
+}
+
+impl Plan {
+    pub fn num_rows(&self) -> usize {
+        self.row_ends.len()
+    }
+
+    pub fn row(&self, r: usize) -> &[Piece] {
+        let start = if r == 0 { 0 } else { self.row_ends[r - 1] };
+        &self.pieces[start..self.row_ends[r]]
+    }
+}
+
+/// splitmix64: a tiny, well-mixed generator that the Python reference reproduces exactly.
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn for_epoch(seed: u64, epoch: u64) -> Self {
+        SplitMix64(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Fisher–Yates permutation of `0..n` for this seed and epoch.
+pub fn shuffle(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
+    let mut perm: Vec<u32> = (0..n as u32).collect();
+    let mut rng = SplitMix64::for_epoch(seed, epoch);
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        perm.swap(i, j);
+    }
+    perm
+}
+
+/// Pretraining: documents in `order` as one stream, cut into full rows of `row_len` tokens.
+pub fn plan_stream(lens: &[u64], order: &[u32], row_len: u64) -> Plan {
+    let mut plan = Plan::default();
+    let total: u64 = order.iter().map(|&d| lens[d as usize]).sum();
+    let rows = total / row_len;
+    let mut room = row_len;
+    for &d in order {
+        if plan.row_ends.len() as u64 == rows {
+            break;
+        }
+        let mut start = 0u64;
+        let len = lens[d as usize];
+        while start < len && (plan.row_ends.len() as u64) < rows {
+            let take = room.min(len - start);
+            plan.pieces.push(Piece {
+                doc: d,
+                start: start as u32,
+                len: take as u32,
+            });
+            start += take;
+            room -= take;
+            if room == 0 {
+                plan.row_ends.push(plan.pieces.len());
+                room = row_len;
+            }
+        }
+    }
+    plan.used_tokens = rows * row_len;
+    plan
+}
+
+/// Chat: best-fit packing in `order`; a document longer than `row_len` keeps its first
+/// `row_len` tokens. Each document goes to the open row with the least free space that fits
+/// it (ties: the row opened first), else to a new row.
+pub fn plan_best_fit(lens: &[u64], order: &[u32], row_len: u64) -> Plan {
+    let cap = row_len as usize;
+    // by_free[f] = rows with exactly f tokens of free space, by opening order.
+    let mut by_free: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); cap + 1];
+    let mut free: Vec<usize> = Vec::new();
+    let mut rows: Vec<Vec<Piece>> = Vec::new();
+    let mut used = 0u64;
+    for &d in order {
+        let n = lens[d as usize].min(row_len) as usize;
+        let target = (n..=cap).find_map(|f| by_free[f].first().copied());
+        let r = match target {
+            Some(r) => {
+                by_free[free[r as usize]].remove(&r);
+                r as usize
+            }
+            None => {
+                rows.push(Vec::new());
+                free.push(cap);
+                rows.len() - 1
+            }
+        };
+        rows[r].push(Piece {
+            doc: d,
+            start: 0,
+            len: n as u32,
+        });
+        free[r] -= n;
+        by_free[free[r]].insert(r as u32);
+        used += n as u64;
+    }
+    let mut plan = Plan {
+        used_tokens: used,
+        ..Plan::default()
+    };
+    for row in rows {
+        plan.pieces.extend(row);
+        plan.row_ends.push(plan.pieces.len());
+    }
+    plan
+}
+
+/// Rows of batch `g` for `rank`: `g·B·W + rank·B + [0, B)`; indices ≥ the row count are empty.
+pub fn batch_rows(g: usize, batch: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    let start = g * batch * world + rank * batch;
+    start..start + batch
+}
+
+pub fn batches_per_rank(rows: usize, batch: usize, world: usize) -> usize {
+    rows.div_ceil(batch * world)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shuffle_is_a_permutation_that_depends_on_seed_and_epoch() {
+        let a = shuffle(1000, 7, 0);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<u32>>());
+        assert_eq!(a, shuffle(1000, 7, 0));
+        assert_ne!(a, shuffle(1000, 7, 1));
+        assert_ne!(a, shuffle(1000, 8, 0));
+    }
+
+    #[test]
+    fn stream_rows_are_full_and_cover_the_stream_in_order() {
+        let lens = [5, 3, 9, 2];
+        let order = [2, 0, 3, 1];
+        let plan = plan_stream(&lens, &order, 4);
+        assert_eq!(plan.num_rows(), 19 / 4);
+        for r in 0..plan.num_rows() {
+            assert_eq!(plan.row(r).iter().map(|p| p.len).sum::<u32>(), 4);
+        }
+        let flat: Vec<(u32, u32)> = plan
+            .pieces
+            .iter()
+            .flat_map(|p| (p.start..p.start + p.len).map(move |t| (p.doc, t)))
+            .collect();
+        let expected: Vec<(u32, u32)> = order
+            .iter()
+            .flat_map(|&d| (0..lens[d as usize] as u32).map(move |t| (d, t)))
+            .take(16)
+            .collect();
+        assert_eq!(flat, expected);
+    }
+
+    #[test]
+    fn best_fit_picks_the_tightest_row_and_truncates_long_documents() {
+        // Capacity 10: 6 opens row 0 (free 4), 7 opens row 1 (free 3), 3 fits both and goes to
+        // row 1 (tighter), 4 goes to row 0, 25 is cut to 10 and opens row 2.
+        let lens = [6, 7, 3, 4, 25];
+        let order = [0, 1, 2, 3, 4];
+        let plan = plan_best_fit(&lens, &order, 10);
+        let docs: Vec<Vec<u32>> = (0..plan.num_rows())
+            .map(|r| plan.row(r).iter().map(|p| p.doc).collect())
+            .collect();
+        assert_eq!(docs, vec![vec![0, 3], vec![1, 2], vec![4]]);
+        assert_eq!(plan.row(2)[0].len, 10);
+        assert_eq!(plan.used_tokens, 30);
+    }
+
+    #[test]
+    fn best_fit_breaks_ties_by_opening_order() {
+        let lens = [5, 5, 9, 9, 1];
+        let plan = plan_best_fit(&lens, &[2, 3, 0, 4], 10);
+        // rows 0 and 1 both have 1 free: the 1-token doc goes to row 0.
+        assert_eq!(plan.row(0).len(), 2);
+        assert_eq!(plan.row(1).len(), 1);
+    }
+
+    #[test]
+    fn ranks_partition_the_rows() {
+        let rows = 23;
+        for world in 1..=4 {
+            let n = batches_per_rank(rows, 3, world);
+            let mut seen = vec![0; n * 3 * world];
+            for rank in 0..world {
+                for g in 0..n {
+                    for r in batch_rows(g, 3, rank, world) {
+                        seen[r] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1));
+            assert!(seen.len() >= rows);
+        }
+    }
+}
