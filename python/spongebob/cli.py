@@ -16,6 +16,8 @@ from spongebob.errors import UserError
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "spongebob.tokenizer",
+    "spongebob.data_cmd",
+    "spongebob.train",
 ]
 
 

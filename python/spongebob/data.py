@@ -20,6 +20,7 @@ from spongebob._rust import (
     DataFormatError,
     PackedLoader,
     TextStream,
+    scan_file,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "DataFormatError",
     "PackedDataset",
     "TextStream",
+    "scan_file",
 ]
 
 

@@ -134,6 +134,49 @@ fn crc_of_file(path: &Path, expected_len: u64) -> Option<u32> {
     Some(hasher.finalize())
 }
 
+/// Parse and encode every record of `path` in order, in parallel chunks of lines, calling
+/// `f(line, encoded or why not)` for each (blank lines are passed over). `f` may stop the
+/// scan by returning an error.
+pub fn for_each_encoded(
+    path: &Path,
+    kind: Kind,
+    tok: &ChatTokenizer,
+    pool: &rayon::ThreadPool,
+    mut f: impl FnMut(u64, std::result::Result<Encoded, BadReason>) -> Result<()>,
+) -> Result<()> {
+    let mut lines = RawLines::open(path)?;
+    let mut chunk = Vec::with_capacity(LINES_PER_CHUNK);
+    loop {
+        chunk.clear();
+        let more = lines.fill(&mut chunk, LINES_PER_CHUNK)?;
+        let encoded: Vec<(u64, Option<std::result::Result<Encoded, BadReason>>)> =
+            pool.install(|| {
+                chunk
+                    .par_iter()
+                    .map(|(line, raw)| {
+                        let item = match parse_line(raw, kind) {
+                            Ok(None) => None,
+                            Ok(Some(rec)) => Some(
+                                tok.encode_record(&rec)
+                                    .map_err(|e| BadReason::BadSchema(e.to_string())),
+                            ),
+                            Err(reason) => Some(Err(reason)),
+                        };
+                        (*line, item)
+                    })
+                    .collect()
+            });
+        for (line, item) in encoded {
+            if let Some(item) = item {
+                f(line, item)?;
+            }
+        }
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
 impl DocStore {
     /// Open the cache of `path` in `dir`, building it if it is missing, stale or damaged.
     /// `skip_bad` = the bad-line policy; under "error" the first bad line is an error.
@@ -228,66 +271,43 @@ impl DocStore {
             );
             let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
             let (mut docs, mut tokens, mut bad) = (0u64, 0u64, 0u64);
-            let mut lines = RawLines::open(path)?;
-            let mut chunk = Vec::with_capacity(LINES_PER_CHUNK);
             let mut bytes = Vec::new();
-            loop {
-                chunk.clear();
-                let more = lines.fill(&mut chunk, LINES_PER_CHUNK)?;
-                let encoded: Vec<std::result::Result<Option<Encoded>, (u64, BadReason)>> = pool
-                    .install(|| {
-                        chunk
-                            .par_iter()
-                            .map(|(line, raw)| match parse_line(raw, kind) {
-                                Ok(None) => Ok(None),
-                                Ok(Some(rec)) => tok
-                                    .encode_record(&rec)
-                                    .map(Some)
-                                    .map_err(|e| (*line, BadReason::BadSchema(e.to_string()))),
-                                Err(reason) => Err((*line, reason)),
-                            })
-                            .collect()
-                    });
-                for item in encoded {
-                    match item {
-                        Ok(None) => {}
-                        Ok(Some(enc)) => {
-                            bytes.clear();
-                            for &id in &enc.ids {
-                                if token_bytes == 2 {
-                                    bytes.extend_from_slice(&(id as u16).to_le_bytes());
-                                } else {
-                                    bytes.extend_from_slice(&id.to_le_bytes());
-                                }
+            for_each_encoded(path, kind, tok, pool, |line, item| {
+                match item {
+                    Ok(enc) => {
+                        bytes.clear();
+                        for &id in &enc.ids {
+                            if token_bytes == 2 {
+                                bytes.extend_from_slice(&(id as u16).to_le_bytes());
+                            } else {
+                                bytes.extend_from_slice(&id.to_le_bytes());
                             }
-                            let io = |e| DataError::io(stem, e);
-                            w_tok.write_all(&bytes).map_err(io)?;
-                            c_tok.update(&bytes);
-                            w_cls.write_all(&enc.classes).map_err(io)?;
-                            c_cls.update(&enc.classes);
-                            tokens += enc.ids.len() as u64;
-                            docs += 1;
-                            let end = tokens.to_le_bytes();
-                            w_idx.write_all(&end).map_err(io)?;
-                            c_idx.update(&end);
                         }
-                        Err((line, reason)) => {
-                            if !skip_bad {
-                                return Err(DataError::BadLine {
-                                    path: path.to_owned(),
-                                    line,
-                                    reason,
-                                });
-                            }
-                            bad += 1;
-                            *skipped.entry(reason.code().to_owned()).or_default() += 1;
+                        let io = |e| DataError::io(stem, e);
+                        w_tok.write_all(&bytes).map_err(io)?;
+                        c_tok.update(&bytes);
+                        w_cls.write_all(&enc.classes).map_err(io)?;
+                        c_cls.update(&enc.classes);
+                        tokens += enc.ids.len() as u64;
+                        docs += 1;
+                        let end = tokens.to_le_bytes();
+                        w_idx.write_all(&end).map_err(io)?;
+                        c_idx.update(&end);
+                    }
+                    Err(reason) => {
+                        if !skip_bad {
+                            return Err(DataError::BadLine {
+                                path: path.to_owned(),
+                                line,
+                                reason,
+                            });
                         }
+                        bad += 1;
+                        *skipped.entry(reason.code().to_owned()).or_default() += 1;
                     }
                 }
-                if !more {
-                    break;
-                }
-            }
+                Ok(())
+            })?;
             if docs == 0 && bad == 0 {
                 if !skip_bad {
                     return Err(DataError::BadLine {

@@ -290,11 +290,53 @@ pub(crate) fn parse_policy(s: &str) -> PyResult<bool> {
     }
 }
 
+/// (line, reason code, message) of a rejected line.
+type BadLine = (u64, String, String);
+
+/// Validate and measure every line of a file: `(token lengths, [(line, reason code, message)])`.
+/// Unlike the loader it does not stop at the first bad line. Line 0 = the file as a whole.
+#[pyfunction]
+#[pyo3(signature = (path, tokenizer, kind, num_threads = None))]
+fn scan_file<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    tokenizer: &ChatTokenizer,
+    kind: &str,
+    num_threads: Option<usize>,
+) -> PyResult<(Array1<'py, u32>, Vec<BadLine>)> {
+    let kind = Kind::parse(kind)?;
+    let core = tokenizer.core.clone();
+    let threads =
+        num_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let (lens, bad) = py.detach(|| -> Result<_, DataError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build()
+            .map_err(|e| DataError::Config(e.to_string()))?;
+        let mut lens = Vec::new();
+        let mut bad = Vec::new();
+        crate::cache::for_each_encoded(&path, kind, &core, &pool, |line, item| {
+            match item {
+                Ok(enc) => lens.push(enc.ids.len() as u32),
+                Err(reason) => bad.push((line, reason.code().to_owned(), reason.to_string())),
+            }
+            Ok(())
+        })?;
+        if lens.is_empty() && bad.is_empty() {
+            let r = BadReason::EmptyFile;
+            bad.push((0, r.code().to_owned(), r.to_string()));
+        }
+        Ok((lens, bad))
+    })?;
+    Ok((lens.into_pyarray(py), bad))
+}
+
 #[pymodule]
 fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ChatTokenizer>()?;
     m.add_class::<TextStream>()?;
     m.add_class::<PackedLoader>()?;
+    m.add_function(wrap_pyfunction!(scan_file, m)?)?;
     m.add("DataFormatError", m.py().get_type::<DataFormatError>())?;
     m.add("TEMPLATE_VERSION", tokenizer::TEMPLATE_VERSION)?;
     m.add("DEFAULT_SYSTEM", tokenizer::DEFAULT_SYSTEM)?;

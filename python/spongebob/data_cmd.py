@@ -1,0 +1,104 @@
+"""`spongebob data check|demo`: validate jsonl files, generate the demo corpus."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from spongebob.errors import UserError
+
+
+def detect_kind(path: Path) -> str:
+    """"text" or "chat" from the first record that parses; "chat" when none does."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(obj, dict):
+                return "text" if "text" in obj else "chat"
+    return "chat"
+
+
+def check_files(
+    paths: list[Path], tokenizer_dir: Path, kind: str | None = None, seq_len: int = 512
+) -> tuple[list[dict], list[str]]:
+    """Per-file report (counts, length percentiles, truncation) and every bad line as
+    `file:line: reason`. Chat longer than `seq_len + 1` tokens would be truncated."""
+    from spongebob.data import scan_file
+    from spongebob.tokenizer import load
+
+    tok = load(tokenizer_dir)
+    reports, problems = [], []
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"{p}: no such file")
+        k = kind or detect_kind(p)
+        lens, bad = scan_file(str(p), tok, k)
+        lens = np.asarray(lens, dtype=np.int64)
+        rep = {"file": str(p), "kind": k, "records": int(lens.size), "bad": len(bad)}
+        if lens.size:
+            q = np.percentile(lens, [50, 90, 99])
+            rep.update(
+                tokens=int(lens.sum()),
+                p50=float(q[0]),
+                p90=float(q[1]),
+                p99=float(q[2]),
+                max=int(lens.max()),
+                truncated=int((lens > seq_len + 1).sum()) if k == "chat" else 0,
+            )
+        reports.append(rep)
+        for line, _code, msg in bad:
+            problems.append(f"{p}:{line}: {msg}" if line else f"{p}: {msg}")
+    return reports, problems
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("data", help="check jsonl files or generate the demo corpus")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    c = dsub.add_parser("check", help="validate every line; token lengths and truncation")
+    c.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    c.add_argument("--tokenizer", type=Path, required=True, metavar="DIR")
+    c.add_argument("--kind", choices=["text", "chat"], help="default: from the first record")
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(func=_cmd_check)
+
+    d = dsub.add_parser("demo", help="generate the demo corpus (five jsonl files)")
+    d.add_argument("--out", type=Path, required=True, metavar="DIR")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--scale", type=float, default=1.0, help="corpus size multiplier")
+    d.set_defaults(func=_cmd_demo)
+
+
+def _cmd_check(args) -> int:
+    reports, problems = check_files(args.files, args.tokenizer, args.kind, args.seq_len)
+    if args.json:
+        print(json.dumps({"files": reports, "bad_lines": problems}, ensure_ascii=False, indent=2))
+    else:
+        head = f"{'file':<40} {'kind':<5} {'records':>8} {'bad':>5} {'tokens':>10} "
+        head += f"{'p50':>6} {'p90':>6} {'p99':>6} {'max':>6} {'trunc@' + str(args.seq_len):>10}"
+        print(head)
+        for r in reports:
+            row = f"{r['file'][-40:]:<40} {r['kind']:<5} {r['records']:>8} {r['bad']:>5} "
+            if r["records"]:
+                row += f"{r['tokens']:>10} {r['p50']:>6.0f} {r['p90']:>6.0f} {r['p99']:>6.0f} "
+                row += f"{r['max']:>6} {r['truncated']:>10}"
+            print(row)
+        for line in problems:
+            print(line, file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _cmd_demo(args) -> int:
+    from spongebob.demo_data import generate
+
+    files = generate(args.out, seed=args.seed, scale=args.scale)
+    for name, path in files.items():
+        print(f"{name:<10} {path}")
+    return 0
