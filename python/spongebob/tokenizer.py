@@ -58,7 +58,9 @@ def train_tokenizer(
     paths = [Path(p) for p in paths]
     _check_inputs(paths)
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise UserError(f"vocab size {vocab_size} is below the 256 bytes + {len(SPECIAL_TOKENS)} specials")
+        raise UserError(
+            f"vocab size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} specials"
+        )
     stream = TextStream([str(p) for p in paths], on_bad_line=on_bad_line)
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
