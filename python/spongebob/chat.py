@@ -1,0 +1,321 @@
+"""`spongebob chat`: talk to a checkpoint, interactively or from a script.
+
+Three modes, the tutorial's `--model_mode 0/1/2`:
+
+* pretrain — raw continuation: `<s>` + your text, the model writes on until `</s>`;
+* chat — the chat template with the last `--history N` exchanges and an optional `--system`;
+  prompt ids come from the Rust `ChatTokenizer` (one source of truth for the template);
+* reason — chat, with the reply's `<think>` part shown apart from its `<answer>`. Only the
+  answer goes back into the history, as reasoning models are usually run.
+
+Interactive when stdin is a terminal and no `--prompt`/`--prompts-file` is given: `/reset`
+clears the history, `/exit` or Ctrl-D quits, Ctrl-C stops a reply. Otherwise non-interactive:
+each prompt (from `--prompt`, repeatable, `--prompts-file`, or stdin lines) is one turn of the
+same conversation, as if typed; the replies are printed one per prompt (`--json` for one JSON
+object per line). `--history 0` makes every prompt independent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from spongebob.errors import UserError
+from spongebob.generate import TAGS, SamplingConfig, parse_reasoning
+
+MODES = ("pretrain", "chat", "reason")
+USER_PROMPT = "你> "
+BOT_PREFIX = "SpongeBob> "
+THINK_LABEL = "[思考] "
+ANSWER_LABEL = "[回答] "
+
+
+class ReasonView:
+    """Rewrites a streamed reasoning reply for display: `<think>` and `<answer>` become labels
+    on their own lines, closing tags vanish, and the newlines that frame the blocks are
+    dropped. Text that might be the start of a tag (a tokenizer without tag tokens emits `<`,
+    `think`, `>` separately) is held back until it is known."""
+
+    def __init__(self) -> None:
+        self.buf = ""
+        self.pending_nl = 0  # trailing newlines held until more text follows
+        self.after_tag = False
+        self.line_start = True
+
+    def feed(self, text: str) -> str:
+        self.buf += text
+        out = []
+        while self.buf:
+            lt = self.buf.find("<")
+            if lt < 0:
+                out.append(self._plain(self.buf))
+                self.buf = ""
+                break
+            if lt > 0:
+                out.append(self._plain(self.buf[:lt]))
+                self.buf = self.buf[lt:]
+            tag = next((t for t in TAGS if self.buf.startswith(t)), None)
+            if tag is not None:
+                out.append(self._tag(tag))
+                self.buf = self.buf[len(tag) :]
+                continue
+            if any(t.startswith(self.buf) for t in TAGS):
+                break  # maybe a tag still arriving
+            out.append(self._plain(self.buf[0]))
+            self.buf = self.buf[1:]
+        return "".join(out)
+
+    def flush(self) -> str:
+        rest, self.buf = self.buf, ""
+        return self._plain(rest)
+
+    def _emit(self, s: str) -> str:
+        if s:
+            self.line_start = s.endswith("\n")
+        return s
+
+    def _tag(self, tag: str) -> str:
+        self.pending_nl = 0
+        self.after_tag = True
+        if tag in ("<think>", "<answer>"):
+            label = THINK_LABEL if tag == "<think>" else ANSWER_LABEL
+            return self._emit(("" if self.line_start else "\n") + label)
+        return ""
+
+    def _plain(self, s: str) -> str:
+        if self.after_tag:
+            s = s.lstrip("\n")
+            if not s:
+                return ""
+            self.after_tag = False
+        core = s.rstrip("\n")
+        if not core:
+            self.pending_nl += len(s)
+            return ""
+        out = "\n" * self.pending_nl + core
+        self.pending_nl = len(s) - len(core)
+        return self._emit(out)
+
+
+class ChatSession:
+    """Turns user text into prompt ids for the mode, and keeps the conversation."""
+
+    def __init__(self, tokenizer, mode: str = "chat", history: int = 4,
+                 system: str | None = None) -> None:
+        if mode not in MODES:
+            raise UserError(f"unknown mode {mode!r} (pretrain, chat, reason)")
+        if history < 0:
+            raise UserError(f"--history must be >= 0, not {history}")
+        self.tok = tokenizer
+        self.mode = mode
+        self.history = history
+        self.system = system
+        self.turns: list[tuple[str, str]] = []
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+    def messages(self, user: str) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for u, a in self.turns[-self.history :] if self.history else []:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        return [*msgs, {"role": "user", "content": user}]
+
+    def prompt_ids(self, user: str) -> list[int]:
+        if not user.strip():
+            raise UserError("empty prompt")
+        if self.mode == "pretrain":
+            return [self.tok.bos_id, *map(int, self.tok.encode(user))]
+        return [int(i) for i in self.tok.encode_prompt(self.messages(user))]
+
+    def record(self, user: str, reply: str) -> None:
+        if self.mode == "pretrain" or self.history == 0:
+            return
+        if self.mode == "reason":
+            reply = parse_reasoning(reply).answer
+        self.turns.append((user, reply))
+
+
+def _pieces(stream: Iterator[str], mode: str) -> Iterator[str]:
+    view = ReasonView() if mode == "reason" else None
+    for piece in stream:
+        yield view.feed(piece) if view else piece
+    if view:
+        yield view.flush()
+
+
+def reply_to(session: ChatSession, generator, user: str, cfg: SamplingConfig,
+             out=None) -> tuple[str, str]:
+    """Generate the reply to `user`, streaming its display form to `out` when given;
+    record the turn. Returns (raw reply, finish reason)."""
+    ids = session.prompt_ids(user)
+    stream = generator.stream(ids, cfg)
+    raw: list[str] = []
+    result: list = []
+
+    def tee() -> Iterator[str]:
+        while True:
+            try:
+                piece = next(stream)
+            except StopIteration as fin:
+                result.append(fin.value)
+                return
+            raw.append(piece)
+            yield piece
+
+    for piece in _pieces(tee(), session.mode):
+        if piece and out is not None:
+            out.write(piece)
+            out.flush()
+    text = "".join(raw)
+    session.record(user, text)
+    return text, result[0].finish if result else "interrupted"
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def add_commands(sub) -> None:
+    """`spongebob chat`."""
+    p = sub.add_parser(
+        "chat",
+        help="talk to a checkpoint (interactive REPL, or --prompt for scripts)",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--ckpt", required=True, type=Path, metavar="PATH",
+                   help="run folder, stage folder, checkpoint dir or file, or exported HF dir")
+    p.add_argument("--mode", choices=MODES, default="chat")
+    p.add_argument("--history", type=int, default=4, metavar="N",
+                   help="earlier exchanges kept in the prompt (default 4; 0 = none)")
+    p.add_argument("--system", help="system prompt (default: the template's)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="non-interactive: a user turn (repeatable)")
+    p.add_argument("--prompts-file", type=Path, metavar="FILE",
+                   help="non-interactive: one user turn per line ('-' = stdin)")
+    p.add_argument("--json", action="store_true",
+                   help="non-interactive output as JSON lines (prompt, reply, think, answer)")
+    add_sampling_args(p)
+    p.add_argument("--tokenizer", type=Path, metavar="DIR",
+                   help="tokenizer dir (default: the one stored with the checkpoint)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.set_defaults(func=_cmd_chat)
+
+
+def add_sampling_args(p: argparse.ArgumentParser, greedy: bool = False) -> None:
+    """The sampling flags shared by chat and eval."""
+    p.add_argument("--max-new-tokens", type=int, default=256 if greedy else 512)
+    p.add_argument("--temperature", type=float, default=0.0 if greedy else 0.85,
+                   help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.85)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 makes tokens already in the context less likely (1 = off)")
+    p.add_argument("--seed", type=int, help="make sampling reproducible")
+
+
+def sampling_from_args(args) -> SamplingConfig:
+    cfg = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+    cfg.check()
+    return cfg
+
+
+def _read_prompts(args) -> list[str] | None:
+    """The non-interactive prompts, or None for the REPL."""
+    prompts = list(args.prompt)
+    for p in prompts:
+        if not p.strip():
+            raise UserError("empty prompt (--prompt '')")
+    if args.prompts_file is not None:
+        if str(args.prompts_file) == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            try:
+                lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError:
+                raise UserError(f"{args.prompts_file}: not UTF-8 text") from None
+        file_prompts = [ln for ln in lines if ln.strip()]
+        if not file_prompts:
+            raise UserError(f"{args.prompts_file}: no prompts in it")
+        prompts += file_prompts
+    if prompts:
+        return prompts
+    if not sys.stdin.isatty():
+        lines = [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
+        if not lines:
+            raise UserError("no prompts: stdin is empty (use --prompt or a terminal)")
+        return lines
+    return None
+
+
+def _cmd_chat(args) -> int:
+    prompts = _read_prompts(args)  # before loading: a bad flag fails fast
+    cfg = sampling_from_args(args)
+    session = ChatSession(None, args.mode, args.history, args.system)
+    from spongebob.generate import Generator, load_for_inference
+
+    model, tok, meta = load_for_inference(args.ckpt, args.device, args.tokenizer)
+    session.tok = tok
+    gen = Generator(model, tok)
+    if prompts is None:
+        return repl(session, gen, cfg, meta)
+    for user in prompts:
+        if args.json:
+            text, finish = reply_to(session, gen, user, cfg)
+            rec = {"prompt": user, "reply": text, "finish": finish}
+            if args.mode == "reason":
+                r = parse_reasoning(text)
+                rec.update(think=r.think, answer=r.answer, well_formed=r.well_formed)
+            print(json.dumps(rec, ensure_ascii=False), flush=True)
+        else:
+            reply_to(session, gen, user, cfg, out=sys.stdout)
+            print(flush=True)
+    return 0
+
+
+def repl(session: ChatSession, gen, cfg: SamplingConfig, meta: dict,
+         lines: Iterable[str] | None = None) -> int:
+    """The interactive loop. Ctrl-C during a reply stops it; at the prompt it quits."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(f"SpongeBob chat · {session.mode} mode · {meta.get('path')}\n"
+          "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
+          flush=True)
+    while True:
+        try:
+            line = input(USER_PROMPT)
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("(history cleared)", flush=True)
+            continue
+        if text.startswith("/") and " " not in text:
+            print(f"unknown command {text} (/reset, /exit)", flush=True)
+            continue
+        sys.stdout.write(BOT_PREFIX)
+        sys.stdout.flush()
+        try:
+            reply_to(session, gen, text, cfg, out=sys.stdout)
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        except UserError as e:
+            sys.stdout.write(f"(error: {e})")
+        print(flush=True)

@@ -1,0 +1,670 @@
+"""A small, checkable demo corpus in MiniMind's formats, generated from a seed.
+
+Why generate instead of download: a fresh machine has no hub, and a demo must prove that each
+stage taught the model something. So the corpus is built from a table of real facts that a tiny
+model can memorise on a CPU in minutes, written three ways:
+
+* `pretrain.jsonl` — the facts as encyclopedia text (`{"text": "<s>...</s>"}`);
+* `sft_512.jsonl` / `sft_1024.jsonl` — the same facts asked as questions with varied wordings,
+  identity and greetings, long answers and multi-turn dialogues (`{"conversations": [...]}`);
+* `r1_1024.jsonl` — arithmetic word problems (and some facts) answered as
+  `<think>\\n…\\n</think>\\n<answer>\\n…\\n</answer>`;
+* `eval.jsonl` — chat records whose user wordings (or numbers) never occur in training, each
+  with a reference reply as the assistant turn plus `answer` (the key a reply must contain),
+  `task` (`fact` | `identity` | `arith`) and `id`; reasoning records also carry `expr`.
+
+Everything is a pure function of `(seed, scale)`: one `random.Random(seed)` drives all choices
+and nothing iterates over a set, so two runs write byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+IDENTITY_NAME = "SpongeBob"
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One fact. `topic` is a noun phrase ("法国的首都"), `answer` what it is ("巴黎").
+
+    `kind` picks the wording templates: capital (topic = country), thing ("…是什么"),
+    who ("…是谁"), year (topic = an event, answer = "1949年"). `key` is the short string a
+    correct reply must contain. English fields are optional (some facts are asked in English).
+    """
+
+    id: str
+    kind: str
+    topic: str
+    answer: str
+    en_topic: str = ""
+    en_answer: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.answer
+
+    @property
+    def en_key(self) -> str:
+        return self.en_answer
+
+
+_CAPITALS = [
+    ("中国", "北京", "China", "Beijing"),
+    ("日本", "东京", "Japan", "Tokyo"),
+    ("法国", "巴黎", "France", "Paris"),
+    ("英国", "伦敦", "the United Kingdom", "London"),
+    ("德国", "柏林", "Germany", "Berlin"),
+    ("意大利", "罗马", "Italy", "Rome"),
+    ("西班牙", "马德里", "Spain", "Madrid"),
+    ("俄罗斯", "莫斯科", "Russia", "Moscow"),
+    ("美国", "华盛顿", "the United States", "Washington"),
+    ("加拿大", "渥太华", "Canada", "Ottawa"),
+    ("澳大利亚", "堪培拉", "Australia", "Canberra"),
+    ("巴西", "巴西利亚", "Brazil", "Brasilia"),
+    ("印度", "新德里", "India", "New Delhi"),
+    ("埃及", "开罗", "Egypt", "Cairo"),
+    ("韩国", "首尔", "South Korea", "Seoul"),
+    ("泰国", "曼谷", "Thailand", "Bangkok"),
+    ("越南", "河内", "Vietnam", "Hanoi"),
+    ("希腊", "雅典", "Greece", "Athens"),
+    ("土耳其", "安卡拉", "Turkey", "Ankara"),
+    ("阿根廷", "布宜诺斯艾利斯", "Argentina", "Buenos Aires"),
+    ("墨西哥", "墨西哥城", "Mexico", "Mexico City"),
+    ("葡萄牙", "里斯本", "Portugal", "Lisbon"),
+    ("瑞典", "斯德哥尔摩", "Sweden", "Stockholm"),
+    ("挪威", "奥斯陆", "Norway", "Oslo"),
+    ("波兰", "华沙", "Poland", "Warsaw"),
+    ("肯尼亚", "内罗毕", "Kenya", "Nairobi"),
+    ("新西兰", "惠灵顿", "New Zealand", "Wellington"),
+]
+
+# (id, kind, topic, answer, en_topic, en_answer)
+_OTHER = [
+    ("geo:最高峰", "thing", "世界上最高的山峰", "珠穆朗玛峰",
+     "the highest mountain in the world", "Mount Everest"),
+    ("geo:最长河", "thing", "世界上最长的河流", "尼罗河",
+     "the longest river in the world", "the Nile"),
+    ("geo:中国最长河", "thing", "中国最长的河流", "长江",
+     "the longest river in China", "the Yangtze River"),
+    ("geo:最大洋", "thing", "世界上面积最大的海洋", "太平洋",
+     "the largest ocean in the world", "the Pacific Ocean"),
+    ("geo:最大热沙漠", "thing", "世界上面积最大的热带沙漠", "撒哈拉沙漠",
+     "the largest hot desert in the world", "the Sahara"),
+    ("geo:最大国", "thing", "世界上面积最大的国家", "俄罗斯",
+     "the largest country by area", "Russia"),
+    ("geo:最大洲", "thing", "世界上面积最大的大洲", "亚洲",
+     "the largest continent", "Asia"),
+    ("geo:最深海沟", "thing", "世界上最深的海沟", "马里亚纳海沟",
+     "the deepest ocean trench", "the Mariana Trench"),
+    ("geo:最大岛", "thing", "世界上最大的岛屿", "格陵兰岛",
+     "the largest island in the world", "Greenland"),
+    ("geo:中国最大淡水湖", "thing", "中国面积最大的淡水湖", "鄱阳湖", "", ""),
+    ("geo:黄河入海", "thing", "黄河注入的海", "渤海", "", ""),
+    ("sci:沸点", "thing", "标准大气压下水的沸点", "100摄氏度",
+     "the boiling point of water at sea level", "100 degrees Celsius"),
+    ("sci:冰点", "thing", "标准大气压下水的冰点", "0摄氏度",
+     "the freezing point of water at sea level", "0 degrees Celsius"),
+    ("sci:光速", "thing", "真空中的光速", "每秒约30万千米",
+     "the speed of light in a vacuum", "about 300,000 kilometres per second"),
+    ("sci:水化学式", "thing", "水的化学式", "H2O",
+     "the chemical formula of water", "H2O"),
+    ("sci:食盐", "thing", "食盐的主要成分", "氯化钠",
+     "the main component of table salt", "sodium chloride"),
+    ("sci:最大行星", "thing", "太阳系中最大的行星", "木星",
+     "the largest planet in the solar system", "Jupiter"),
+    ("sci:最近行星", "thing", "离太阳最近的行星", "水星",
+     "the planet closest to the Sun", "Mercury"),
+    ("sci:地球卫星", "thing", "地球唯一的天然卫星", "月球",
+     "the only natural satellite of the Earth", "the Moon"),
+    ("sci:最大器官", "thing", "人体最大的器官", "皮肤",
+     "the largest organ of the human body", "the skin"),
+    ("sci:一号元素", "thing", "元素周期表中的第一号元素", "氢",
+     "the first element of the periodic table", "hydrogen"),
+    ("sci:空气最多", "thing", "空气中含量最多的气体", "氮气",
+     "the most abundant gas in the air", "nitrogen"),
+    ("sci:光合作用", "thing", "植物光合作用释放的气体", "氧气",
+     "the gas that plants release in photosynthesis", "oxygen"),
+    ("sci:绝对零度", "thing", "绝对零度", "零下273.15摄氏度",
+     "absolute zero", "minus 273.15 degrees Celsius"),
+    ("sci:平年天数", "thing", "一个平年的天数", "365天",
+     "the number of days in a common year", "365 days"),
+    ("who:相对论", "who", "提出相对论的科学家", "爱因斯坦",
+     "the scientist who proposed the theory of relativity", "Albert Einstein"),
+    ("who:万有引力", "who", "发现万有引力定律的科学家", "牛顿",
+     "the scientist who discovered the law of universal gravitation", "Isaac Newton"),
+    ("who:红楼梦", "who", "《红楼梦》的作者", "曹雪芹", "", ""),
+    ("who:哈姆雷特", "who", "《哈姆雷特》的作者", "莎士比亚",
+     "the author of Hamlet", "William Shakespeare"),
+    ("who:电话", "who", "发明电话的人", "贝尔",
+     "the inventor of the telephone", "Alexander Graham Bell"),
+    ("year:新中国", "year", "中华人民共和国成立", "1949年",
+     "the People's Republic of China was founded", "1949"),
+    ("year:登月", "year", "人类第一次登上月球", "1969年",
+     "humans first landed on the Moon", "1969"),
+    ("year:二战结束", "year", "第二次世界大战结束", "1945年",
+     "the Second World War ended", "1945"),
+    ("year:美国独立", "year", "美国发表《独立宣言》", "1776年",
+     "the United States declared independence", "1776"),
+    ("year:柏林墙", "year", "柏林墙倒塌", "1989年",
+     "the Berlin Wall fell", "1989"),
+    ("year:法国大革命", "year", "法国大革命爆发", "1789年",
+     "the French Revolution began", "1789"),
+    ("year:秦统一", "year", "秦始皇统一六国", "公元前221年", "", ""),
+    ("year:首届奥运", "year", "第一届现代奥运会举办", "1896年",
+     "the first modern Olympic Games were held", "1896"),
+    ("year:北京奥运", "year", "北京举办夏季奥运会", "2008年",
+     "Beijing hosted the Summer Olympics", "2008"),
+    ("year:哥伦布", "year", "哥伦布第一次到达美洲", "1492年",
+     "Columbus first reached the Americas", "1492"),
+]
+
+FACTS: list[Fact] = [
+    Fact(f"capital:{c}", "capital", c, a, ec, ea) for c, a, ec, ea in _CAPITALS
+] + [Fact(*row) for row in _OTHER]
+
+
+# --- wordings -------------------------------------------------------------------------------
+# One pool of question wordings per kind. `generate` holds one wording out per fact (and per
+# language): eval asks the fact with it, training never does. Every wording still occurs in
+# training with other facts and every fact with other wordings, so eval measures whether the
+# model combines the two, not whether it has seen the exact string. `generate` also checks that
+# no eval prompt occurs verbatim in a training file.
+
+QUESTIONS = {
+    "capital": ["{t}的首都是哪里？", "{t}的首都是什么？", "请问{t}的首都是哪座城市？",
+                "{t}的首都叫什么名字？", "告诉我{t}的首都。", "你知道{t}的首都吗？",
+                "{t}的首都是哪个城市？", "哪座城市是{t}的首都？", "我想知道{t}的首都是哪个城市。",
+                "能说一下{t}的首都吗？"],
+    "thing": ["{t}是什么？", "请问{t}是什么？", "你知道{t}是什么吗？", "告诉我{t}是什么。",
+              "{t}是哪个？", "{t}叫什么？", "我想知道{t}是什么。", "能说一下{t}是什么吗？"],
+    "who": ["{t}是谁？", "请问{t}是谁？", "你知道{t}是谁吗？", "告诉我{t}是谁。",
+            "{t}叫什么名字？", "我想知道{t}是谁。", "能说一下{t}是谁吗？"],
+    "year": ["{t}是在哪一年？", "{t}是哪一年？", "请问{t}是在哪一年？", "你知道{t}是哪一年吗？",
+             "{t}是什么时候？", "我想知道{t}是哪一年。", "能说一下{t}是哪一年吗？"],
+}
+
+EN_QUESTIONS = {
+    "capital": ["What is the capital of {t}?", "Which city is the capital of {t}?",
+                "Tell me the capital of {t}.", "Do you know the capital of {t}?",
+                "Name the capital city of {t}.", "What city is the capital of {t}?"],
+    "thing": ["What is {t}?", "Tell me what {t} is.", "Do you know what {t} is?",
+              "Could you tell me what {t} is?"],
+    "who": ["Who is {t}?", "Tell me who {t} is.", "Do you know who {t} is?",
+            "Could you tell me who {t} is?"],
+    "year": ["Tell me the year when {t}.", "Do you know the year when {t}?",
+             "Could you tell me the year when {t}?", "What was the year when {t}?"],
+}
+
+ANSWERS = {
+    "capital": ["{t}的首都是{a}。", "{a}。{t}的首都是{a}。", "是{a}。"],
+    "thing": ["{t}是{a}。", "{a}。{t}是{a}。", "是{a}。"],
+    "who": ["{t}是{a}。", "{a}。{t}是{a}。", "是{a}。"],
+    "year": ["{t}是在{a}。", "{a}。{t}是在{a}。", "是在{a}。"],
+}
+
+EN_ANSWERS = {
+    "capital": ["The capital of {t} is {a}.", "{a}. The capital of {t} is {a}."],
+    "thing": ["{T} is {a}.", "It is {a}."],
+    "who": ["{T} is {a}.", "It is {a}."],
+    "year": ["{T} in {a}.", "In {a}."],
+}
+
+# Encyclopedia sentences for pretraining.
+ENCYCLOPEDIA = {
+    "capital": ["{a}是{t}的首都。", "{t}的首都是{a}。", "{t}以{a}为首都。",
+                "{a}作为{t}的首都，是一座重要的城市。"],
+    "thing": ["{t}是{a}。", "{a}是{t}。", "一般认为，{t}是{a}。"],
+    "who": ["{t}是{a}。", "{a}是{t}。"],
+    "year": ["{a}，{t}。", "{t}是在{a}。", "{t}的时间是{a}。"],
+}
+EN_ENCYCLOPEDIA = {
+    "capital": ["{a} is the capital of {t}.", "The capital of {t} is {a}."],
+    "thing": ["{T} is {a}.", "{A} is {t}."],
+    "who": ["{T} is {a}.", "{A} is {t}."],
+    "year": ["In {a}, {t}.", "It was in {a} that {t}."],
+}
+SECTION_TITLES = {
+    "capital": ["世界各国的首都", "首都知识", "各国首都一览"],
+    "thing": ["地理与科学常识", "自然科学小知识", "百科常识"],
+    "who": ["人物与作品", "科学家和作家", "名人常识"],
+    "year": ["历史年表", "重要历史事件", "历史上的今天"],
+}
+EN_SECTION_TITLES = {
+    "capital": "Capitals of the world", "thing": "Facts about the world",
+    "who": "People and works", "year": "A timeline of history",
+}
+
+IDENTITY_ANSWERS = [
+    "我是 SpongeBob，一个乐于助人的人工智能助手。有什么可以帮你的吗？",
+    "你好，我是 SpongeBob，一个小型的人工智能助手，可以回答常识问题，也会做简单的算术题。",
+    "我叫 SpongeBob，是一个从零开始训练的小型语言模型助手。",
+]
+EN_IDENTITY_ANSWERS = [
+    "I am SpongeBob, a helpful AI assistant. How can I help you?",
+    "Hi! I'm SpongeBob, a small language model trained from scratch to answer questions.",
+]
+GREETING_ANSWERS = [
+    "你好！我是 SpongeBob，很高兴见到你。有什么我可以帮你的吗？",
+    "你好呀！我是 SpongeBob，有什么问题都可以问我。",
+]
+EN_GREETING_ANSWERS = ["Hello! I'm SpongeBob. What can I do for you today?"]
+# (training wordings, held-out wordings): the held-out ones are made of pieces that training
+# uses elsewhere ("请问…", "能…吗", "Could you …"), never of words the model has not seen.
+IDENTITY_QUESTIONS = (
+    ["你是谁？", "你是谁", "你叫什么名字？", "介绍一下你自己。", "你是什么？", "请问你是谁？",
+     "请做个自我介绍。", "你的名字叫什么？"],
+    ["请问你叫什么名字？", "你好，你是谁？", "能介绍一下你自己吗？"],
+)
+EN_IDENTITY_QUESTIONS = (
+    ["Who are you?", "What is your name?", "Introduce yourself.", "What are you?",
+     "Please introduce yourself."],
+    ["Hello, who are you?", "Could you introduce yourself?"],
+)
+GREETINGS = ["你好", "你好！", "您好", "嗨", "早上好", "晚上好", "哈喽"]
+EN_GREETINGS = ["Hello", "Hi!", "Good morning"]
+THANKS = [("谢谢！", "不客气！还有什么想问的吗？"), ("好的，谢谢你。", "不用谢，随时可以问我。"),
+          ("Thanks!", "You're welcome!")]
+
+NAMES = ["小明", "小红", "小刚", "小丽", "小华", "小军", "妈妈", "爷爷", "老师", "小芳"]
+EN_NAMES = ["Tom", "Anna", "Lily", "Jack", "Mary", "Sam"]
+ITEMS = [("苹果", "个"), ("铅笔", "支"), ("本子", "本"), ("糖果", "颗"), ("气球", "个"),
+         ("橘子", "个"), ("贴纸", "张"), ("故事书", "本"), ("小球", "个"), ("饼干", "块")]
+EN_ITEMS = ["apples", "pencils", "books", "candies", "balloons", "stickers"]
+
+
+def _pick(rng: random.Random, xs: list):
+    return xs[rng.randrange(len(xs))]
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _fmt(template: str, t: str, a: str = "") -> str:
+    return template.format(t=t, a=a, T=_cap(t), A=_cap(a))
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def _conv(*turns: tuple[str, str]) -> dict:
+    msgs = []
+    for q, a in turns:
+        msgs += [_user(q), _assistant(a)]
+    return {"conversations": msgs}
+
+
+def reasoning(think: str, answer: str) -> str:
+    """Assistant content in the distillation format (DESIGN §2)."""
+    return f"<think>\n{think}\n</think>\n<answer>\n{answer}\n</answer>"
+
+
+def answer_sentence(fact: Fact, en: bool = False, template: int = 0) -> str:
+    """The reply to a question about `fact`; template 0 is the full sentence eval uses."""
+    table = EN_ANSWERS if en else ANSWERS
+    if en:
+        return _fmt(table[fact.kind][template], fact.en_topic, fact.en_answer)
+    return _fmt(table[fact.kind][template], fact.topic, fact.answer)
+
+
+# --- arithmetic ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An arithmetic word problem: `expr` (e.g. "12 + 7"), its value, and the wording."""
+
+    op: str
+    a: int
+    b: int
+    question: str
+    think: str
+
+    @property
+    def value(self) -> int:
+        return apply_op(self.op, self.a, self.b)
+
+    @property
+    def expr(self) -> str:
+        return f"{self.a} {self.op} {self.b}"
+
+
+def apply_op(op: str, a: int, b: int) -> int:
+    return {"+": a + b, "-": a - b, "×": a * b}[op]
+
+
+def all_pairs() -> list[tuple[str, int, int]]:
+    """Every (op, a, b) the demo uses: sums and differences to 30, times tables to 9."""
+    pairs = [("+", a, b) for a in range(1, 31) for b in range(1, 31)]
+    pairs += [("-", a, b) for a in range(2, 31) for b in range(1, a)]
+    pairs += [("×", a, b) for a in range(2, 10) for b in range(2, 10)]
+    return pairs
+
+
+def _problem(op: str, a: int, b: int, rng: random.Random, en: bool) -> Problem:
+    """Word `a op b` as a story; the thinking walks the steps and ends with the result."""
+    value = apply_op(op, a, b)
+    if en:
+        n, item = _pick(rng, EN_NAMES), _pick(rng, EN_ITEMS)
+        if op == "+":
+            q = f"{n} has {a} {item} and gets {b} more. How many {item} does {n} have now?"
+            steps = [f"{n} starts with {a} {item}.", f"{n} gets {b} more, so we add."]
+        elif op == "-":
+            q = f"{n} has {a} {item} and gives away {b}. How many {item} are left?"
+            steps = [f"{n} starts with {a} {item}.", f"{n} gives away {b}, so we subtract."]
+        else:
+            q = f"There are {b} boxes with {a} {item} in each box. How many {item} are there?"
+            steps = [f"Each box holds {a} {item}.", f"There are {b} boxes, so we multiply."]
+        steps += [f"{a} {op} {b} = {value}.", f"So the answer is {value}."]
+        return Problem(op, a, b, q, "\n".join(steps))
+    n, m = rng.sample(NAMES, 2)
+    item, unit = _pick(rng, ITEMS)
+    if op == "+":
+        q = _pick(rng, [
+            f"{n}有{a}{unit}{item}，{m}又给了{n}{b}{unit}，现在{n}一共有多少{unit}{item}？",
+            f"{n}先买了{a}{unit}{item}，后来又买了{b}{unit}，{n}一共买了多少{unit}{item}？",
+            f"盒子里有{a}{unit}{item}，又放进去{b}{unit}，盒子里现在有多少{unit}{item}？",
+        ])
+        steps = [f"原来有{a}{unit}{item}。", f"又增加了{b}{unit}，求一共有多少，要用加法。"]
+    elif op == "-":
+        q = _pick(rng, [
+            f"{n}有{a}{unit}{item}，送给{m}{b}{unit}，{n}还剩多少{unit}{item}？",
+            f"{n}有{a}{unit}{item}，用掉了{b}{unit}，还剩下多少{unit}？",
+            f"盒子里有{a}{unit}{item}，拿走了{b}{unit}，盒子里还有多少{unit}{item}？",
+        ])
+        steps = [f"原来有{a}{unit}{item}。", f"拿走了{b}{unit}，求还剩多少，要用减法。"]
+    else:
+        q = _pick(rng, [
+            f"每个盒子里有{a}{unit}{item}，一共有{b}个盒子，一共有多少{unit}{item}？",
+            f"{n}每天吃{a}{unit}{item}，{b}天一共吃多少{unit}{item}？",
+            f"{b}个小朋友每人有{a}{unit}{item}，他们一共有多少{unit}{item}？",
+        ])
+        steps = [f"每份是{a}{unit}{item}。", f"一共有{b}份，求总数，要用乘法。"]
+    steps += [f"{a} {op} {b} = {value}。", f"所以答案是{value}。"]
+    return Problem(op, a, b, q, "\n".join(steps))
+
+
+def _separable(pool: list[str]) -> list[str]:
+    """Wordings that may be held out: neither contains another wording of the pool nor is
+    contained in one ("{t}是什么？" sits inside "请问{t}是什么？", so it is never held out)."""
+    return [h for h in pool if not any(h != t and (h in t or t in h) for t in pool)]
+
+
+# --- the generator -------------------------------------------------------------------------
+
+
+class _Gen:
+    """All choices come from one seeded RNG; `held` maps (fact id, lang) to the question
+    wording kept for eval, `pairs` are the arithmetic pairs training may use."""
+
+    def __init__(self, rng: random.Random, pairs: list[tuple[str, int, int]]) -> None:
+        self.rng = rng
+        self.pairs = pairs
+        self.held: dict[tuple[str, str], str] = {}
+        for f in FACTS:
+            self.held[(f.id, "zh")] = _pick(rng, _separable(QUESTIONS[f.kind]))
+            if f.en_topic:
+                self.held[(f.id, "en")] = _pick(rng, _separable(EN_QUESTIONS[f.kind]))
+        self.capitals = [f for f in FACTS if f.kind == "capital"]
+
+    # questions and answers ----------------------------------------------------------------
+
+    def question(self, f: Fact, en: bool = False) -> str:
+        """A training wording of a question about `f` (never its held-out wording)."""
+        pool = (EN_QUESTIONS if en else QUESTIONS)[f.kind]
+        held = self.held[(f.id, "en" if en else "zh")]
+        return _fmt(_pick(self.rng, [t for t in pool if t != held]),
+                    f.en_topic if en else f.topic)
+
+    def eval_question(self, f: Fact, en: bool = False) -> str:
+        return _fmt(self.held[(f.id, "en" if en else "zh")], f.en_topic if en else f.topic)
+
+    def answer(self, f: Fact, en: bool = False) -> str:
+        n = len((EN_ANSWERS if en else ANSWERS)[f.kind])
+        return answer_sentence(f, en, self.rng.randrange(n))
+
+    def fact_turn(self, en_rate: float = 0.15, pool: list[Fact] | None = None) -> tuple:
+        f = _pick(self.rng, pool or FACTS)
+        en = bool(f.en_topic) and self.rng.random() < en_rate
+        return self.question(f, en), self.answer(f, en), f
+
+    def follow_up(self, prev: Fact) -> tuple[str, str, Fact]:
+        """"那X呢？" after a capital question: answerable only from the history."""
+        g = _pick(self.rng, [x for x in self.capitals if x != prev])
+        return f"那{g.topic}呢？", answer_sentence(g), g
+
+    def identity_turn(self) -> tuple[str, str]:
+        r, rng = self.rng.random(), self.rng
+        if r < 0.45:
+            return _pick(rng, IDENTITY_QUESTIONS[0]), _pick(rng, IDENTITY_ANSWERS)
+        if r < 0.75:
+            return _pick(rng, GREETINGS), _pick(rng, GREETING_ANSWERS)
+        if r < 0.9:
+            return _pick(rng, EN_IDENTITY_QUESTIONS[0]), _pick(rng, EN_IDENTITY_ANSWERS)
+        return _pick(rng, EN_GREETINGS), _pick(rng, EN_GREETING_ANSWERS)
+
+    def arith_turn(self) -> tuple[str, str]:
+        """A word problem answered directly (no reasoning): the SFT-stage baseline."""
+        p = _problem(*_pick(self.rng, self.pairs), self.rng, en=False)
+        return p.question, f"{p.expr} = {p.value}，答案是{p.value}。"
+
+    # records -------------------------------------------------------------------------------
+
+    def pretrain(self) -> dict:
+        """A short encyclopedia article: facts of one kind, or identity, or arithmetic."""
+        rng = self.rng
+        r = rng.random()
+        if r < 0.08:
+            body = _pick(rng, [
+                "SpongeBob 是一个乐于助人的人工智能助手。当有人问“你是谁”时，它会回答："
+                + _pick(rng, IDENTITY_ANSWERS),
+                "SpongeBob 是一个从零开始训练的小型语言模型。它能回答关于首都、地理、科学和"
+                "历史的常识问题，也会一步一步地做简单的算术题。",
+                "SpongeBob is a small AI assistant trained from scratch. "
+                + EN_IDENTITY_ANSWERS[0],
+            ])
+            return {"text": f"<s>{body}</s>"}
+        if r < 0.18:
+            lines = []
+            for _ in range(rng.randint(3, 6)):
+                op, a, b = _pick(rng, self.pairs)
+                word = {"+": "加", "-": "减", "×": "乘以"}[op]
+                v = apply_op(op, a, b)
+                lines.append(_pick(rng, [f"{a}{word}{b}等于{v}。", f"{a} {op} {b} = {v}。"]))
+            return {"text": "<s>算术练习：" + "".join(lines) + "</s>"}
+        kind = _pick(rng, ["capital", "capital", "thing", "thing", "who", "year"])
+        pool = [f for f in FACTS if f.kind == kind]
+        chosen = rng.sample(pool, min(len(pool), rng.randint(3, 6)))
+        english = [f for f in chosen if f.en_topic]
+        if english and rng.random() < 0.2:
+            sents = [_fmt(_pick(rng, EN_ENCYCLOPEDIA[kind]), f.en_topic, f.en_answer)
+                     for f in english]
+            return {"text": f"<s>{EN_SECTION_TITLES[kind]}. " + " ".join(sents) + "</s>"}
+        sents = [_fmt(_pick(rng, ENCYCLOPEDIA[kind]), f.topic, f.answer) for f in chosen]
+        return {"text": f"<s>{_pick(rng, SECTION_TITLES[kind])}：" + "".join(sents) + "</s>"}
+
+    def sft_512(self) -> dict:
+        r = self.rng.random()
+        if r < 0.72:
+            return _conv(self.fact_turn()[:2])
+        if r < 0.87:
+            return _conv(self.identity_turn())
+        if r < 0.95:
+            q, a, f = self.fact_turn(en_rate=0, pool=self.capitals)
+            fq, fa, _ = self.follow_up(f)
+            turns = [(q, a), (fq, fa)]
+            if self.rng.random() < 0.5:
+                turns.append(_pick(self.rng, THANKS[:2]))
+            return _conv(*turns)
+        return _conv(self.arith_turn())
+
+    def long_answer(self) -> tuple[str, str]:
+        """A list answer of 12–27 facts: the long replies the 1024 stage is for."""
+        rng = self.rng
+        kind = _pick(rng, ["capital", "capital", "thing", "mixed"])
+        if kind == "capital":
+            chosen = rng.sample(self.capitals, rng.randint(12, len(self.capitals)))
+            if rng.random() < 0.2:
+                names = ", ".join(f.en_topic for f in chosen)
+                lines = [f"{i}. {answer_sentence(f, en=True)}" for i, f in enumerate(chosen, 1)]
+                return (f"List the capitals of these countries: {names}.",
+                        "Here they are:\n" + "\n".join(lines))
+            q = "请依次说出这些国家的首都：" + "、".join(f.topic for f in chosen) + "。"
+            lines = [f"{i}. {answer_sentence(f)}" for i, f in enumerate(chosen, 1)]
+            return q, "好的，依次如下：\n" + "\n".join(lines) + "\n以上就是这些国家的首都。"
+        pool = [f for f in FACTS if f.kind != "capital"] if kind == "thing" else list(FACTS)
+        chosen = rng.sample(pool, rng.randint(12, 20))
+        q = _pick(rng, ["给我讲讲你知道的常识吧，越多越好。",
+                        "请列举一些地理、科学和历史方面的常识。",
+                        "我在准备知识竞赛，请帮我整理一份常识清单。"])
+        lines = [f"{i}. {answer_sentence(f)}" for i, f in enumerate(chosen, 1)]
+        return q, "当然可以，下面是一些常识：\n" + "\n".join(lines) + "\n希望这些对你有帮助！"
+
+    def sft_1024(self) -> dict:
+        """A long conversation: list answers, fact questions with follow-ups, small talk and
+        arithmetic, grown turn by turn until its estimated length reaches 480–820 tokens
+        (measured at seed 0: 522–1040 tokens with a 2048 vocab trained on this corpus, 452–945
+        with 6400)."""
+        rng = self.rng
+        turns: list[tuple[str, str]] = [self.identity_turn()] if rng.random() < 0.4 else []
+        target = rng.randint(480, 820)
+        prev: Fact | None = None
+        while _estimate_tokens(turns) < target:
+            r = rng.random()
+            if r < 0.12:
+                turn = self.long_answer()
+                if _estimate_tokens([*turns, turn]) > 880:
+                    continue
+                prev = None
+            elif r < 0.72:
+                *turn, prev = self.fact_turn(en_rate=0.1)
+            elif r < 0.85 and prev is not None and prev.kind == "capital":
+                *turn, prev = self.follow_up(prev)
+            elif r < 0.95:
+                turn = self.arith_turn()
+                prev = None
+            else:
+                turn = _pick(rng, THANKS[:2])
+            turns.append(tuple(turn))
+        return _conv(*turns)
+
+    def r1(self) -> dict:
+        """Mostly word problems reasoned step by step; some facts and identity in the same
+        format, so reason mode answers every kind of prompt with <think> and <answer>."""
+        rng = self.rng
+        r = rng.random()
+        if r < 0.75:
+            p = _problem(*_pick(rng, self.pairs), rng, en=rng.random() < 0.15)
+            return _conv((p.question, reasoning(p.think, str(p.value))))
+        if r < 0.93:
+            f = _pick(rng, FACTS)
+            think = f"用户问的是{f.topic}。\n我记得{answer_sentence(f)}"
+            return _conv((self.question(f), reasoning(think, answer_sentence(f))))
+        think = "用户想知道我是谁。\n我是 SpongeBob，一个人工智能助手。"
+        q = _pick(rng, IDENTITY_QUESTIONS[0])
+        return _conv((q, reasoning(think, _pick(rng, IDENTITY_ANSWERS))))
+
+    def eval_records(self, eval_pairs: list[tuple[str, int, int]]) -> list[dict]:
+        """Every fact with its held-out wording (Chinese; English for capitals), the held-out
+        identity wordings, and word problems on number pairs training never uses."""
+        out = []
+        for f in FACTS:
+            rec = _conv((self.eval_question(f), answer_sentence(f)))
+            out.append({**rec, "answer": f.answer, "task": "fact", "id": f.id, "lang": "zh"})
+        for f in self.capitals:
+            rec = _conv((self.eval_question(f, en=True), answer_sentence(f, en=True)))
+            out.append({**rec, "answer": f.en_answer, "task": "fact", "id": f.id, "lang": "en"})
+        for q in IDENTITY_QUESTIONS[1] + EN_IDENTITY_QUESTIONS[1]:
+            en = q.isascii()
+            ref = EN_IDENTITY_ANSWERS[0] if en else IDENTITY_ANSWERS[0]
+            out.append({**_conv((q, ref)), "answer": IDENTITY_NAME, "task": "identity",
+                        "id": f"identity:{q}", "lang": "en" if en else "zh"})
+        for i, (op, a, b) in enumerate(eval_pairs):
+            en = i % 6 == 5
+            p = _problem(op, a, b, self.rng, en=en)
+            rec = _conv((p.question, reasoning(p.think, str(p.value))))
+            out.append({**rec, "answer": str(p.value), "task": "arith", "id": f"arith:{p.expr}",
+                        "expr": p.expr, "lang": "en" if en else "zh"})
+        return out
+
+
+def _estimate_tokens(turns: list[tuple[str, str]]) -> int:
+    """Rough token count of a conversation under a tokenizer trained on this corpus (vocab
+    2048–6400; fitted on generated data): ~0.33 tokens a character (the corpus repeats whole
+    phrases, which BPE merges), ~12 per turn for the template, ~20 for the system prompt."""
+    chars = sum(len(q) + len(a) for q, a in turns)
+    return int(chars * 0.33) + 12 * len(turns) + 20
+
+
+# Record counts at scale 1.0; eval is not scaled (see `generate`).
+SIZES = {"pretrain": 6000, "sft_512": 8000, "sft_1024": 400, "r1_1024": 4000, "eval_arith": 60}
+FILES = ("pretrain", "sft_512", "sft_1024", "r1_1024", "eval")
+
+
+def generate(out_dir: Path | str, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
+    """Write the five demo files into `out_dir` and return `{name: path}`.
+
+    `scale` multiplies the number of training records; the fact table and the eval set stay
+    whole so accuracy means the same at every scale. `seed` drives every choice: the same
+    `(seed, scale)` gives byte-identical files.
+    """
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, not {scale}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+
+    pairs = all_pairs()
+    eval_idx = sorted(rng.sample(range(len(pairs)), SIZES["eval_arith"]))
+    held = set(eval_idx)
+    gen = _Gen(rng, [p for i, p in enumerate(pairs) if i not in held])
+
+    def many(fn: Callable[[], dict], name: str) -> list[dict]:
+        return [fn() for _ in range(max(1, round(SIZES[name] * scale)))]
+
+    files = {
+        "pretrain": many(gen.pretrain, "pretrain"),
+        "sft_512": many(gen.sft_512, "sft_512"),
+        "sft_1024": many(gen.sft_1024, "sft_1024"),
+        "r1_1024": many(gen.r1, "r1_1024"),
+        "eval": gen.eval_records([pairs[i] for i in eval_idx]),
+    }
+    _check_held_out(files)
+    paths = {}
+    for name in FILES:
+        paths[name] = out / f"{name}.jsonl"
+        _write(paths[name], files[name])
+    return paths
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def _check_held_out(files: dict[str, list[dict]]) -> None:
+    """Fail loudly if an eval prompt leaked into training (a wording-table mistake)."""
+    seen = {
+        m["content"]
+        for name in ("sft_512", "sft_1024", "r1_1024")
+        for rec in files[name]
+        for m in rec["conversations"]
+        if m["role"] == "user"
+    }
+    for rec in files["eval"]:
+        q = rec["conversations"][0]["content"]
+        if q in seen:
+            raise AssertionError(f"eval prompt {q!r} also occurs in training data")

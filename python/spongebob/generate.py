@@ -1,0 +1,489 @@
+"""Text generation: KV cache, batched prompts, sampling, and UTF-8-safe streaming.
+
+Why its own engine: the tutorial recomputes attention over the whole sequence for every new
+token, allocates full-size masks, and applies a repetition penalty that *rewards* repeated
+tokens whose logit is negative (dividing −2 by 1.3 raises it). Here
+
+* a prompt is run once and every later step feeds one token per row through a preallocated
+  `KVCache` (O(T) per token instead of O(T²));
+* prompts of different lengths are left-padded into one batch: padding keys are masked out and
+  `position_ids` count only real tokens, so a padded row gives the same tokens as alone;
+* the repetition penalty divides positive logits and multiplies negative ones (CTRL), so a seen
+  token always becomes *less* likely;
+* streamed text is decoded incrementally and held back while it ends in an incomplete UTF-8
+  sequence (byte-level BPE splits a Chinese character or an emoji over several tokens), so a
+  terminal never shows half a character.
+
+`load_for_inference` is the one loader behind chat, eval and export: it takes a run folder, a
+stage folder, a checkpoint directory, a checkpoint's `model.safetensors`, or an exported
+Hugging Face folder, and turns every way that can fail into a one-line `UserError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from collections.abc import Generator as Generator_
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spongebob.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from spongebob.data import ChatTokenizer
+
+REPLACEMENT = "\ufffd"
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def pick_device(device: str = "auto") -> str:
+    """"auto" → "cuda" when a GPU is visible, else "cpu"."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}, but CUDA is not available here")
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise UserError(f"unknown --device {device!r} (auto, cpu, cuda, cuda:N)")
+    return device
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _hf_to_model_config(hf: dict, path: Path):
+    """Our ModelConfig from a LlamaForCausalLM config.json (an exported folder)."""
+    from spongebob.model import ModelConfig
+
+    try:
+        rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 1e6)
+        if not hf.get("tie_word_embeddings", False):
+            raise UserError(f"{path}: untied input/output embeddings are not supported")
+        return ModelConfig(
+            vocab_size=int(hf["vocab_size"]),
+            dim=int(hf["hidden_size"]),
+            n_layers=int(hf["num_hidden_layers"]),
+            n_heads=int(hf["num_attention_heads"]),
+            n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+            ffn_dim=int(hf["intermediate_size"]),
+            rope_theta=float(rope),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            max_seq_len=int(hf.get("max_position_embeddings", 32768)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not a LLaMA config this model can load ({e})") from None
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: corrupt or unreadable safetensors file ({msg})") from None
+
+
+def load_for_inference(
+    ckpt: Path | str,
+    device: str = "auto",
+    tokenizer: Path | str | None = None,
+    **config_overrides: Any,
+) -> tuple[torch.nn.Module, ChatTokenizer, dict]:
+    """(model in eval mode, tokenizer, meta) for generation and scoring.
+
+    `ckpt`: a run folder (its latest stage's final checkpoint), a stage folder, a checkpoint
+    directory, a `model.safetensors` file inside one, or an exported HF folder. `tokenizer`
+    overrides the tokenizer stored with the checkpoint. The tokenizer's vocab must equal the
+    model's: a mismatch would index past the embedding or silently decode garbage.
+    """
+    path = Path(ckpt)
+    if path.is_file() and path.suffix == ".safetensors":
+        path = path.parent
+    if not path.exists():  # before importing torch: a typo fails at once
+        raise UserError(f"{path}: no such checkpoint, stage or run folder")
+    from spongebob import checkpoint
+    from spongebob.model import ModelConfig, SpongeBob
+    from spongebob.tokenizer import load as load_tokenizer
+
+    device = pick_device(device)
+    cfg_path = path / "config.json"
+    hf = _read_json(cfg_path) if cfg_path.is_file() else {}
+    if "model" not in hf and hf.get("model_type") == "llama":
+        cfg = _hf_to_model_config(hf, cfg_path)
+        state = _load_safetensors(path / "model.safetensors")
+        state = {k.removeprefix("model."): v for k, v in state.items() if k != "lm_head.weight"}
+        meta: dict = {"path": str(path), "format": "hf", "model": cfg.__dict__.copy()}
+        ckpt_dir = path
+    else:
+        ckpt_dir = checkpoint.resolve_checkpoint(path)
+        meta = _read_json(ckpt_dir / "config.json")
+        if not isinstance(meta.get("model"), dict):
+            raise UserError(f"{ckpt_dir / 'config.json'}: no \"model\" section")
+        try:
+            cfg = ModelConfig.from_dict(meta["model"])
+        except TypeError as e:
+            raise UserError(f"{ckpt_dir / 'config.json'}: bad model config ({e})") from None
+        state = _load_safetensors(ckpt_dir / "model.safetensors")
+        meta["path"] = str(ckpt_dir)
+        meta.setdefault("format", "spongebob")
+    for k, v in config_overrides.items():
+        setattr(cfg, k, v)
+    try:
+        cfg.validate()
+        model = SpongeBob(cfg)
+        model.load_state_dict(state, strict=True)
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()
+        raise UserError(
+            f"{ckpt_dir}: weights do not fit the configured model ({' '.join(first[:2])})"
+        ) from None
+    model.to(device).eval()
+
+    tok_dir = Path(tokenizer) if tokenizer is not None else ckpt_dir
+    if tokenizer is None and not (tok_dir / "tokenizer.json").is_file():
+        raise UserError(f"{ckpt_dir}: no tokenizer.json; pass --tokenizer DIR")
+    tok = load_tokenizer(tok_dir)
+    if tok.vocab_size != cfg.vocab_size:
+        raise UserError(
+            f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model in {ckpt_dir} "
+            f"was trained with {cfg.vocab_size}: they do not belong together"
+        )
+    return model, tok, meta
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token. temperature 0 (or top_k 1) is greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.85
+    top_p: float = 0.85
+    top_k: int = 0  # 0 = no top-k filter
+    repetition_penalty: float = 1.0  # 1 = off; > 1 makes seen tokens less likely
+    seed: int | None = None
+    stop_ids: Sequence[int] | None = None  # default: the tokenizer's </s>
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"max new tokens must be at least 1, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top-p must be in (0, 1], not {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"top-k must be >= 0, not {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition penalty must be > 0, not {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Make every seen token less likely: positive logits are divided by `penalty`, negative
+    ones multiplied (dividing a negative logit, as MiniMind does, would raise it).
+
+    logits float [B, V]; seen bool [B, V]. Returns a new tensor.
+    """
+    import torch
+
+    if penalty == 1.0:
+        return logits
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to −inf every token outside the top-k and outside the smallest set whose
+    probability reaches top-p (the most likely token always survives)."""
+    import torch
+
+    out = logits
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+        drop_sorted = before >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row from logits [B, V]: penalty, then greedy or temperature/top-k/top-p."""
+    import torch
+
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- streaming decode ----------------------------------------------------------------------
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces, never one that ends inside a UTF-8 character.
+
+    Byte-level BPE decodes an incomplete byte sequence to U+FFFD. We decode the tokens since
+    the last emitted boundary and only emit once the text no longer ends in U+FFFD; the ids
+    then become the new boundary. `flush` returns whatever is left at the end.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] decode to text already emitted
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        done = self.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        text = self.decode(self.ids[self.prefix :])
+        if len(text) > len(done) and not text.endswith(REPLACEMENT):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(done) :]
+        return ""
+
+    def flush(self) -> str:
+        done = self.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        text = self.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return text[len(done) :]
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    """The new tokens of one prompt (without the stop token) and why it ended."""
+
+    ids: list[int]
+    finish: str  # "stop" (a stop token) | "length" (max_new_tokens) | "interrupted"
+    text: str = ""
+    prompt_len: int = 0
+
+
+class Generator:
+    """Batched incremental decoding with a KV cache for a `SpongeBob` model."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: ChatTokenizer | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _stop_ids(self, cfg: SamplingConfig) -> list[int]:
+        if cfg.stop_ids is not None:
+            return list(cfg.stop_ids)
+        return [self.tokenizer.eos_id if self.tokenizer is not None else 2]
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        cfg: SamplingConfig | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[Generation]:
+        """Continue every prompt; returns one `Generation` per prompt, in order."""
+        steps = self.iter_tokens(prompts, cfg, should_stop)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as fin:
+                return fin.value
+
+    def iter_tokens(
+        self,
+        prompts: Sequence[Sequence[int]],
+        cfg: SamplingConfig | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Generator_[tuple[int, int], None, list[Generation]]:
+        """Yield `(row, token id)` as each new token is chosen; return the `Generation`s.
+
+        Prompts are left-padded into one batch. Rows that hit a stop token are done; the batch
+        runs until all are, or `max_new_tokens`, or `should_stop()`. A prompt longer than the
+        model's context minus `max_new_tokens` keeps its last tokens.
+        """
+        import torch
+
+        from spongebob.model import KVCache
+
+        cfg = cfg or SamplingConfig()
+        cfg.check()
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise UserError("empty prompt: nothing to continue")
+        vocab = self.config.vocab_size
+        for p in prompts:
+            bad = [int(t) for t in p if not 0 <= int(t) < vocab]
+            if bad:
+                raise UserError(f"token id {bad[0]} is outside the model's vocab of {vocab}")
+        limit = self.config.max_seq_len
+        max_new = min(cfg.max_new_tokens, limit - 1)
+        prompts = [[int(t) for t in p][-(limit - max_new) :] for p in prompts]
+        B, L = len(prompts), max(len(p) for p in prompts)
+        dev = self.device
+        stops = torch.tensor(self._stop_ids(cfg), device=dev)
+        penalize = cfg.repetition_penalty != 1.0
+
+        ids = torch.zeros(B, L, dtype=torch.long, device=dev)  # pad id 0 (<unk>)
+        valid = torch.zeros(B, L + max_new, dtype=torch.bool, device=dev)
+        seen = torch.zeros(B, vocab, dtype=torch.bool, device=dev) if penalize else None
+        for i, p in enumerate(prompts):
+            row = torch.tensor(p, device=dev)
+            ids[i, L - len(p) :] = row
+            valid[i, L - len(p) :] = True  # generated positions are set as they come
+            if seen is not None:
+                seen[i, row] = True
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        gen = None
+        if cfg.seed is not None and not cfg.greedy:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(cfg.seed)
+
+        dtype = next(self.model.parameters()).dtype
+        cache = KVCache(self.config, B, L + max_new, device=dev, dtype=dtype)
+        padded = bool((lengths < L).any())
+        # Positions count real tokens only, so a left-padded row sees the positions it would
+        # see alone; padding keys are masked out.
+        pos = (valid[:, :L].long().cumsum(1) - 1).clamp_min(0)
+        mask = valid[:, None, None, :L].expand(B, 1, L, L) if padded else None
+        out: list[list[int]] = [[] for _ in range(B)]
+        finish = ["length"] * B
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        with torch.inference_mode():
+            logits = self.model(ids, position_ids=pos, kv_cache=cache, attn_mask=mask)[:, -1]
+        next_pos = lengths.clone()
+        for step in range(max_new):
+            tok = next_tokens(logits, cfg, seen, gen)
+            hit = torch.isin(tok, stops) & ~done
+            tok_list, hit_list, done_list = tok.tolist(), hit.tolist(), done.tolist()
+            for i in range(B):
+                if done_list[i]:
+                    continue
+                if hit_list[i]:
+                    finish[i] = "stop"
+                    continue
+                out[i].append(tok_list[i])
+                yield i, tok_list[i]
+            done |= hit
+            if bool(done.all()) or step == max_new - 1:
+                break
+            if should_stop is not None and should_stop():
+                finish = ["interrupted" if f == "length" else f for f in finish]
+                break
+            if seen is not None:
+                seen[torch.arange(B, device=dev), tok] = True
+            valid[:, L + step] = True
+            step_mask = valid[:, None, None, : L + step + 1] if padded else None
+            with torch.inference_mode():
+                logits = self.model(tok[:, None], position_ids=next_pos[:, None],
+                                    kv_cache=cache, attn_mask=step_mask)[:, -1]
+            next_pos += 1
+        results = []
+        for i in range(B):
+            text = self.tokenizer.decode(out[i]) if self.tokenizer is not None else ""
+            results.append(Generation(out[i], finish[i], text, len(prompts[i])))
+        return results
+
+    def stream(
+        self,
+        prompt: Sequence[int],
+        cfg: SamplingConfig | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Generator_[str, None, Generation]:
+        """Yield the continuation of one prompt as text pieces, each ending on a whole
+        character; return the `Generation`."""
+        if self.tokenizer is None:
+            raise ValueError("streaming needs a tokenizer")
+        decoder = StreamDecoder(self.tokenizer.decode)
+        steps = self.iter_tokens([prompt], cfg, should_stop)
+        while True:
+            try:
+                _, tid = next(steps)
+            except StopIteration as fin:
+                result = fin.value[0]
+                break
+            piece = decoder.push(tid)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        return result
+
+
+# --- reasoning replies ---------------------------------------------------------------------
+
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_WELL_FORMED = re.compile(
+    r"\A\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*\Z", re.S
+)
+
+
+@dataclass
+class Reasoning:
+    """A reply split into its thinking and its answer. `well_formed`: exactly
+    `<think>…</think><answer>…</answer>` (whitespace around the blocks allowed), each tag once."""
+
+    think: str
+    answer: str
+    well_formed: bool
+
+
+def parse_reasoning(text: str) -> Reasoning:
+    """Split a reasoning reply; a malformed one keeps whatever parts can be found."""
+    m = _WELL_FORMED.match(text)
+    once = all(text.count(t) == 1 for t in TAGS)
+    if m and once:
+        return Reasoning(m["think"].strip(), m["answer"].strip(), True)
+    think = re.search(r"<think>(.*?)(?:</think>|\Z)", text, re.S)
+    answer = re.search(r"<answer>(.*?)(?:</answer>|\Z)", text, re.S)
+    if answer:
+        ans = answer.group(1)
+    elif "</think>" in text:
+        ans = text.split("</think>", 1)[1]
+    else:
+        ans = "" if think else text
+    return Reasoning(think.group(1).strip() if think else "", ans.strip(), False)
