@@ -18,6 +18,10 @@ COMMAND_MODULES = [
     "spongebob.tokenizer",
     "spongebob.data_cmd",
     "spongebob.train",
+    "spongebob.chat",
+    "spongebob.evaluate",
+    "spongebob.export",
+    "spongebob.demo",
 ]
 
 
