@@ -118,7 +118,7 @@ def _score(model, tok, eval_file: Path, plan: DemoPlan) -> dict:
 
     ppl = entry.get("perplexity")
     return {
-        "perplexity": ppl.get("perplexity") if isinstance(ppl, dict) else ppl,
+        "perplexity": ppl.get("ppl") if isinstance(ppl, dict) else ppl,
         "fact_accuracy": get("fact", "contains"),
         "reasoning_format": get("arith", "well_formed"),
         "arithmetic_accuracy": get("arith", "contains"),
