@@ -345,17 +345,29 @@ def text_rows(docs, perm, seq_len: int) -> list[Row]:
     return rows
 
 
-def chat_rows(docs, perm, seq_len: int) -> tuple[list[Row], int]:
-    """Best-fit packing in `perm` order → (rows, number truncated)."""
+ROW_SALT = 0xA5A5A5A5A5A5A5A5
+
+
+def chat_rows(docs, perm, seq_len: int, seed: int = 0, epoch: int = 0) -> tuple[list[Row], int]:
+    """Best-fit decreasing, then the rows shuffled → (rows, number truncated).
+
+    Documents (cut to seq_len + 1) are taken longest first, equal lengths in `perm` order;
+    each goes to the open row with the least free space that fits (ties: opened first).
+    The rows are then put in the order `epoch_perm(len(rows), seed ^ ROW_SALT, epoch)`.
+    """
     width = seq_len + 1
-    rows: list[Row] = []
-    free: list[int] = []
+    items = []
     truncated = 0
     for d in perm:
         ids, classes = docs[d]
         if len(ids) > width:
             ids, classes = ids[:width], classes[:width]
             truncated += 1
+        items.append((ids, classes, d))
+    items.sort(key=lambda it: -len(it[0]))  # stable: ties keep `perm` order
+    rows: list[Row] = []
+    free: list[int] = []
+    for ids, classes, d in items:
         n = len(ids)
         best = -1
         for k, f in enumerate(free):
@@ -367,7 +379,8 @@ def chat_rows(docs, perm, seq_len: int) -> tuple[list[Row], int]:
             best = len(rows) - 1
         rows[best].pieces.append((list(ids), list(classes), d))
         free[best] -= n
-    return rows, truncated
+    order = epoch_perm(len(rows), seed ^ ROW_SALT, epoch)
+    return [rows[i] for i in order], truncated
 
 
 def row_arrays(row: Row | None, seq_len: int, think_weight: float) -> dict[str, np.ndarray]:
@@ -449,7 +462,7 @@ class RefPacked:
         perm = epoch_perm(len(self.docs), self.seed, epoch)
         if self.kind == "text":
             return text_rows(self.docs, perm, self.seq_len), 0
-        return chat_rows(self.docs, perm, self.seq_len)
+        return chat_rows(self.docs, perm, self.seq_len, self.seed, epoch)
 
     def batches(self, epoch: int = 0) -> list[dict[str, np.ndarray]]:
         rows, _ = self.rows(epoch)

@@ -50,21 +50,25 @@ def test_text_rows_are_the_concatenated_stream_cut_into_full_rows():
     assert flat == stream[: len(rows) * 16]
 
 
-def test_best_fit_rows_respect_capacity_and_pick_the_tightest_row():
+def test_best_fit_decreasing_rows_respect_capacity_and_pick_the_tightest_row():
     rng = random.Random(1)
     T = 31
     docs = _docs(rng, 200, hi=45)
     perm = ref.epoch_perm(len(docs), 0, 0)
-    rows, truncated = ref.chat_rows(docs, perm, T)
+    rows, truncated = ref.chat_rows(docs, perm, T, seed=0, epoch=0)
     assert truncated == sum(len(docs[d][0]) > T + 1 for d in perm)
     assert all(len(r) <= T + 1 for r in rows)
-    # Every document placed once, in perm order inside each row.
     placed = sorted(d for r in rows for *_, d in r.pieces)
     assert placed == list(range(len(docs)))
-    # Replay: no row that had room for a document had less room than the one chosen.
-    where = {d: k for k, r in enumerate(rows) for *_, d in r.pieces}
+    # Undo the row shuffle: shuffled row i is the row opened as number opened[i].
+    opened = ref.epoch_perm(len(rows), 0 ^ ref.ROW_SALT, 0)
+    assert sorted(opened) == list(range(len(rows)))
+    where = {d: opened[i] for i, r in enumerate(rows) for *_, d in r.pieces}
+    # Replay longest first (ties in perm order): no row that had room for a document had
+    # less room than the one chosen, and a new row opens only when nothing fits.
+    items = sorted(perm, key=lambda d: -min(len(docs[d][0]), T + 1))
     free = []
-    for d in perm:
+    for d in items:
         n = min(len(docs[d][0]), T + 1)
         fits = [k for k, f in enumerate(free) if f >= n]
         if not fits:

@@ -9,6 +9,8 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use crate::error::{BadReason, DataError, Result};
@@ -66,6 +68,29 @@ pub enum Record {
     Chat(Vec<Message>),
 }
 
+/// `T` read from a JSON object only. serde's derived structs also accept a JSON array
+/// (fields by position); a record or message written as an array is a schema error here.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
 #[derive(Deserialize)]
 struct RawMessage {
     role: String,
@@ -79,13 +104,13 @@ struct TextLine {
 
 #[derive(Deserialize)]
 struct ChatLine {
-    conversations: Vec<RawMessage>,
+    conversations: Vec<Object<RawMessage>>,
 }
 
 #[derive(Deserialize)]
 struct AnyLine {
     text: Option<String>,
-    conversations: Option<Vec<RawMessage>>,
+    conversations: Option<Vec<Object<RawMessage>>>,
 }
 
 /// Strip one leading `<s>` and one trailing `</s>` (MiniMind's pretrain files carry them).
@@ -127,9 +152,14 @@ pub fn check_conversation(
     Ok(out)
 }
 
-fn chat_record(raw: Vec<RawMessage>) -> std::result::Result<Record, BadReason> {
-    check_conversation(raw.into_iter().map(|m| (m.role, m.content)).collect(), true)
-        .map(Record::Chat)
+fn chat_record(raw: Vec<Object<RawMessage>>) -> std::result::Result<Record, BadReason> {
+    check_conversation(
+        raw.into_iter()
+            .map(|Object(m)| (m.role, m.content))
+            .collect(),
+        true,
+    )
+    .map(Record::Chat)
 }
 
 /// Parse one line (without its newline). `Ok(None)` for a blank line. Text is returned as
@@ -141,15 +171,15 @@ pub fn parse_line(bytes: &[u8], kind: Kind) -> std::result::Result<Option<Record
     }
     let record = match kind {
         Kind::Text => {
-            let t: TextLine = serde_json::from_str(line).map_err(json_error)?;
+            let Object(t): Object<TextLine> = serde_json::from_str(line).map_err(json_error)?;
             Record::Text(t.text)
         }
         Kind::Chat => {
-            let c: ChatLine = serde_json::from_str(line).map_err(json_error)?;
+            let Object(c): Object<ChatLine> = serde_json::from_str(line).map_err(json_error)?;
             chat_record(c.conversations)?
         }
         Kind::Auto => {
-            let a: AnyLine = serde_json::from_str(line).map_err(json_error)?;
+            let Object(a): Object<AnyLine> = serde_json::from_str(line).map_err(json_error)?;
             match (a.text, a.conversations) {
                 (Some(t), _) => Record::Text(t),
                 (None, Some(c)) => chat_record(c)?,
@@ -339,6 +369,22 @@ mod tests {
             .code(),
             "no_assistant"
         );
+    }
+
+    #[test]
+    fn arrays_are_schema_errors_not_records() {
+        let p = |s: &str, k| parse_line(s.as_bytes(), k).unwrap_err().code();
+        assert_eq!(p("[\"a one-element list\"]", Kind::Text), "bad_schema");
+        assert_eq!(p("[\"text\", \"a list\"]", Kind::Text), "bad_schema");
+        assert_eq!(p("[\"text\", \"a list\"]", Kind::Auto), "bad_schema");
+        assert_eq!(
+            p(
+                "{\"conversations\": [[\"user\", \"hi\"], {\"role\": \"assistant\", \"content\": \"a\"}]}",
+                Kind::Chat
+            ),
+            "bad_schema"
+        );
+        assert_eq!(p("[1, 2", Kind::Text), "invalid_json");
     }
 
     #[test]

@@ -135,7 +135,12 @@ impl Loader {
         let order = pack::shuffle(self.lens.len(), self.cfg.seed, epoch);
         match self.cfg.kind {
             Kind::Text => pack::plan_stream(&self.lens, &order, self.row_len()),
-            _ => pack::plan_best_fit(&self.lens, &order, self.row_len()),
+            _ => {
+                // Best-fit decreasing opens rows longest-first; shuffle them back.
+                let plan = pack::plan_best_fit(&self.lens, &order, self.row_len());
+                let rows = pack::shuffle(plan.num_rows(), self.cfg.seed ^ pack::ROW_SALT, epoch);
+                plan.reorder(&rows)
+            }
         }
     }
 

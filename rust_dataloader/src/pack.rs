@@ -31,6 +31,9 @@ impl Plan {
     }
 }
 
+/// Mixed into the seed for the shuffle of packed chat rows (a stream apart from the documents').
+pub const ROW_SALT: u64 = 0xA5A5_A5A5_A5A5_A5A5;
+
 /// splitmix64: a tiny, well-mixed generator that the Python reference reproduces exactly.
 pub struct SplitMix64(u64);
 
@@ -90,18 +93,24 @@ pub fn plan_stream(lens: &[u64], order: &[u32], row_len: u64) -> Plan {
     plan
 }
 
-/// Chat: best-fit packing in `order`; a document longer than `row_len` keeps its first
-/// `row_len` tokens. Each document goes to the open row with the least free space that fits
-/// it (ties: the row opened first), else to a new row.
+/// Chat: best-fit decreasing. A document longer than `row_len` keeps its first `row_len`
+/// tokens. Documents are taken longest first (ties in `order`), and each goes to the open row
+/// with the least free space that fits it (ties: the row opened first), else to a new row.
+/// Rows come out in opening order, so longest-first; the loader shuffles them afterwards.
 pub fn plan_best_fit(lens: &[u64], order: &[u32], row_len: u64) -> Plan {
     let cap = row_len as usize;
+    let mut by_len: Vec<(usize, u32)> = order
+        .iter()
+        .map(|&d| (lens[d as usize].min(row_len) as usize, d))
+        .collect();
+    // Stable: equal lengths keep their shuffled order.
+    by_len.sort_by_key(|&(n, _)| std::cmp::Reverse(n));
     // by_free[f] = rows with exactly f tokens of free space, by opening order.
     let mut by_free: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); cap + 1];
     let mut free: Vec<usize> = Vec::new();
     let mut rows: Vec<Vec<Piece>> = Vec::new();
     let mut used = 0u64;
-    for &d in order {
-        let n = lens[d as usize].min(row_len) as usize;
+    for (n, d) in by_len {
         let target = (n..=cap).find_map(|f| by_free[f].first().copied());
         let r = match target {
             Some(r) => {
@@ -132,6 +141,22 @@ pub fn plan_best_fit(lens: &[u64], order: &[u32], row_len: u64) -> Plan {
         plan.row_ends.push(plan.pieces.len());
     }
     plan
+}
+
+impl Plan {
+    /// The same rows in the order `perm` (row `i` of the result is row `perm[i]` of `self`).
+    pub fn reorder(&self, perm: &[u32]) -> Plan {
+        let mut out = Plan {
+            used_tokens: self.used_tokens,
+            pieces: Vec::with_capacity(self.pieces.len()),
+            row_ends: Vec::with_capacity(self.row_ends.len()),
+        };
+        for &r in perm {
+            out.pieces.extend_from_slice(self.row(r as usize));
+            out.row_ends.push(out.pieces.len());
+        }
+        out
+    }
 }
 
 /// Rows of batch `g` for `rank`: `g·B·W + rank·B + [0, B)`; indices ≥ the row count are empty.
@@ -181,28 +206,46 @@ mod tests {
         assert_eq!(flat, expected);
     }
 
-    #[test]
-    fn best_fit_picks_the_tightest_row_and_truncates_long_documents() {
-        // Capacity 10: 6 opens row 0 (free 4), 7 opens row 1 (free 3), 3 fits both and goes to
-        // row 1 (tighter), 4 goes to row 0, 25 is cut to 10 and opens row 2.
-        let lens = [6, 7, 3, 4, 25];
-        let order = [0, 1, 2, 3, 4];
-        let plan = plan_best_fit(&lens, &order, 10);
-        let docs: Vec<Vec<u32>> = (0..plan.num_rows())
+    fn row_docs(plan: &Plan) -> Vec<Vec<u32>> {
+        (0..plan.num_rows())
             .map(|r| plan.row(r).iter().map(|p| p.doc).collect())
-            .collect();
-        assert_eq!(docs, vec![vec![0, 3], vec![1, 2], vec![4]]);
-        assert_eq!(plan.row(2)[0].len, 10);
+            .collect()
+    }
+
+    #[test]
+    fn best_fit_decreasing_picks_the_tightest_row_and_truncates_long_documents() {
+        // Capacity 10, longest first: 25 (cut to 10) fills row 0; 7 opens row 1 (free 3);
+        // 6 opens row 2 (free 4); 4 fits only row 2; 3 fits row 1 exactly.
+        let lens = [6, 7, 3, 4, 25];
+        let plan = plan_best_fit(&lens, &[0, 1, 2, 3, 4], 10);
+        assert_eq!(row_docs(&plan), vec![vec![4], vec![1, 2], vec![0, 3]]);
+        assert_eq!(plan.row(0)[0].len, 10);
         assert_eq!(plan.used_tokens, 30);
     }
 
     #[test]
-    fn best_fit_breaks_ties_by_opening_order() {
-        let lens = [5, 5, 9, 9, 1];
-        let plan = plan_best_fit(&lens, &[2, 3, 0, 4], 10);
-        // rows 0 and 1 both have 1 free: the 1-token doc goes to row 0.
-        assert_eq!(plan.row(0).len(), 2);
-        assert_eq!(plan.row(1).len(), 1);
+    fn best_fit_breaks_length_ties_by_order_and_row_ties_by_opening() {
+        // 9, 9 open rows 0 and 1 (free 1 each, in `order`: doc 3 then doc 2); the two 1s
+        // go to row 0 first, then row 1.
+        let lens = [1, 1, 9, 9];
+        let plan = plan_best_fit(&lens, &[3, 2, 1, 0], 10);
+        assert_eq!(row_docs(&plan), vec![vec![3, 1], vec![2, 0]]);
+    }
+
+    #[test]
+    fn reorder_moves_whole_rows() {
+        let lens = [10, 10, 5, 5];
+        let plan = plan_best_fit(&lens, &[0, 1, 2, 3], 10);
+        let moved = plan.reorder(&[2, 0, 1]);
+        assert_eq!(
+            row_docs(&moved),
+            vec![
+                row_docs(&plan)[2].clone(),
+                row_docs(&plan)[0].clone(),
+                row_docs(&plan)[1].clone()
+            ]
+        );
+        assert_eq!(moved.used_tokens, plan.used_tokens);
     }
 
     #[test]
