@@ -53,12 +53,12 @@ PLANS: dict[str, DemoPlan] = {
     "full": DemoPlan(
         scale=1.0,
         vocab_size=2048,
-        preset="tiny",
+        preset="demo",
         stages={
-            "pretrain": DemoStage(seq_len=256, batch_size=16, lr=3e-3, epochs=1, warmup=20),
+            "pretrain": DemoStage(seq_len=256, batch_size=16, lr=3e-3, epochs=2, warmup=20),
             "sft": DemoStage(seq_len=256, batch_size=16, lr=2e-3, epochs=2, warmup=10),
-            "sft-long": DemoStage(seq_len=512, batch_size=8, lr=5e-4, epochs=1),
-            "distill": DemoStage(seq_len=512, batch_size=8, lr=1e-3, epochs=1, warmup=10),
+            "sft-long": DemoStage(seq_len=512, batch_size=8, lr=3e-4, max_steps=20),
+            "distill": DemoStage(seq_len=512, batch_size=8, lr=1e-3, epochs=3, warmup=10),
         },
     ),
     "fast": DemoPlan(
@@ -69,10 +69,9 @@ PLANS: dict[str, DemoPlan] = {
             "pretrain": DemoStage(seq_len=128, batch_size=8, lr=3e-3, max_steps=30),
             "sft": DemoStage(seq_len=128, batch_size=8, lr=2e-3, max_steps=40),
             "sft-long": DemoStage(seq_len=256, batch_size=4, lr=5e-4, max_steps=5),
-            "distill": DemoStage(seq_len=256, batch_size=8, lr=2e-3, max_steps=60),
+            "distill": DemoStage(seq_len=256, batch_size=8, lr=3e-3, max_steps=300, warmup=10),
         },
-        eval_limit=40,
-        max_new_tokens=48,
+        max_new_tokens=64,
     ),
 }
 

@@ -1,0 +1,52 @@
+"""The reduced demo (`spongebob demo --plan fast`): every stage runs, chains, and teaches."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from spongebob.demo import STAGE_DATA, run_demo
+
+
+@pytest.fixture(scope="module")
+def fast_demo(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, "fast", seed=0)
+
+
+@pytest.mark.slow
+def test_reduced_demo_runs_every_stage_and_chains_the_checkpoints(fast_demo):
+    _, card = fast_demo
+    stages = card["stages"]
+    assert [s["stage"] for s in stages] == list(STAGE_DATA)
+    assert all(s["steps"] > 0 and s["final_loss"] is not None for s in stages)
+    assert stages[0]["init"] is None  # pretraining starts from random weights
+    for prev, cur in itertools.pairwise(stages):
+        assert Path(cur["init"]) == Path(prev["checkpoint"]), cur["stage"]
+    for s in stages:
+        assert (Path(s["checkpoint"]) / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_reduced_demo_learns_the_reasoning_format_the_untrained_model_lacks(fast_demo):
+    _, card = fast_demo
+    before = card["untrained"]["reasoning_format"]
+    after = card["stages"][-1]["reasoning_format"]
+    assert before is not None and after is not None
+    assert before <= 0.05
+    assert after >= 0.5, f"reasoning format after distillation: {after:.0%}"
+
+
+@pytest.mark.slow
+def test_reduced_demo_writes_scorecard_report_and_loss_curves(fast_demo):
+    out, card = fast_demo
+    on_disk = json.loads((out / "scorecard.json").read_text())
+    assert on_disk["stages"] == card["stages"]
+    report = (out / "report.md").read_text()
+    for stage in STAGE_DATA:
+        assert (out / f"loss_{stage}.png").is_file()
+        assert f"loss_{stage}.png" in report
+    assert {s["mode"] for s in card["samples"]} == {"pretrain", "chat", "reason"}
