@@ -18,6 +18,6 @@ cargo clippy --release --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --release
 echo "== ruff"
-.venv/bin/ruff check python kernels tests benchmarks
+.venv/bin/ruff check python tests benchmarks
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

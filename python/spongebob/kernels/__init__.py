@@ -1,8 +1,9 @@
 """SpongeBob's Triton kernels, importable as `spongebob.kernels`.
 
-The repository keeps them in the top-level `kernels/` folder; `python/spongebob/kernels` is a
-symlink to it, so editable installs and wheels both ship them inside the `spongebob` package
-(no top-level `kernels` module, a name another PyPI distribution owns).
+The files live in `python/spongebob/kernels/` and the repository's top-level `kernels/` is a
+symlink to that folder. This way round, maturin packs them into the wheel (it does not follow a
+symlinked folder inside the package), editable installs see them too, and there is no
+top-level `kernels` module (a name another PyPI distribution owns).
 
 Each op has a PyTorch reference in `reference.py` (the CPU path and the ground truth of the
 tests) and a Triton implementation in its own file with the same signature:
