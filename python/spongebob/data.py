@@ -21,6 +21,7 @@ from spongebob._rust import (
     PackedLoader,
     TextStream,
     scan_file,
+    train_bpe_bounded,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "PackedDataset",
     "TextStream",
     "scan_file",
+    "train_bpe_bounded",
 ]
 
 

@@ -1,8 +1,17 @@
 """Train, describe and save the byte-level BPE tokenizer (DESIGN §3).
 
-Texts stream from jsonl through the Rust `TextStream` (the same record parser the loader uses,
-so a line that would fail training also fails here, with its file and line). Training itself is
-Hugging Face `tokenizers`' BPE trainer.
+Two trainers, one result format (a standard `tokenizer.json`):
+
+* `bounded` (the default): the Rust `train_bpe_bounded` (rust_dataloader/src/tokenizer_train.rs)
+  counts pre-tokens in a table whose training cost is capped by `max_memory`; when it is full,
+  its rarest pieces are cut at their weakest character link (never dropped), then the
+  `tokenizers` crate's own BPE trainer runs on the table. Peak memory is set by the flag, not by
+  the corpus; when the corpus fits, the result is the plain trainer's, merge for merge.
+* `plain`: Hugging Face `tokenizers`' Python trainer fed by the Rust `TextStream`. It keeps every
+  distinct pre-token, ~80-90x the corpus in RAM on Chinese text.
+
+Both read jsonl with the loader's record parser, so a line that would fail training fails here,
+with its file and line.
 """
 
 from __future__ import annotations
@@ -14,8 +23,16 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from spongebob.data import DEFAULT_SYSTEM, ChatTokenizer, TextStream
+from spongebob.data import (
+    DEFAULT_SYSTEM,
+    ChatTokenizer,
+    DataFormatError,
+    TextStream,
+    train_bpe_bounded,
+)
 from spongebob.errors import UserError
+
+TRAINERS = ("bounded", "plain")
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<think>", "</think>", "<answer>", "</answer>"]
 
@@ -32,9 +49,16 @@ CHAT_TEMPLATE = (
 
 
 def new_tokenizer() -> Tokenizer:
-    """An untrained byte-level BPE with no added prefix space (MiniMind's setup)."""
+    """An untrained byte-level BPE with no added prefix space (MiniMind's setup), except that
+    every digit is its own pre-token (as in LLaMA): numbers then share digit tokens, so a small
+    model can learn arithmetic digit by digit instead of memorising one token per number."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -53,14 +77,38 @@ def train_tokenizer(
     vocab_size: int = 6400,
     on_bad_line: str = "error",
     show_progress: bool = True,
+    trainer: str = "bounded",
+    max_memory: str | int | None = None,
+    num_threads: int | None = None,
 ) -> Path:
-    """Train on the texts of `paths` and write `tokenizer.json` + `tokenizer_config.json`."""
+    """Train on the texts of `paths` and write `tokenizer.json` + `tokenizer_config.json`.
+
+    `trainer="bounded"` keeps the peak RSS of the process under `max_memory` (bytes, or a
+    size such as "2GB" / "512MB"; default 2 GB, or 1 GB above what the process already holds
+    if that is more); `trainer="plain"` is Hugging Face's trainer, unbounded.
+    """
     paths = [Path(p) for p in paths]
     _check_inputs(paths)
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise UserError(
             f"vocab size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} specials"
         )
+    if trainer not in TRAINERS:
+        raise UserError(f"unknown trainer {trainer!r} (expected one of {', '.join(TRAINERS)})")
+    t0 = time.perf_counter()
+    log(f"training a {vocab_size}-token byte-level BPE on {len(paths)} file(s) ({trainer} trainer)")
+    if trainer == "bounded":
+        tok = _train_bounded(paths, vocab_size, on_bad_line, max_memory, num_threads, t0)
+    else:
+        tok = _train_plain(paths, vocab_size, on_bad_line, show_progress, t0)
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, f"special {t} landed at {tok.token_to_id(t)}"
+    return save_tokenizer(tok, out_dir)
+
+
+def _train_plain(
+    paths: list[Path], vocab_size: int, on_bad_line: str, show_progress: bool, t0: float
+) -> Tokenizer:
     stream = TextStream([str(p) for p in paths], on_bad_line=on_bad_line)
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
@@ -69,8 +117,6 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    t0 = time.perf_counter()
-    log(f"training a {vocab_size}-token byte-level BPE on {len(paths)} file(s)")
     tok.train_from_iterator(stream, trainer=trainer)
     stats = stream.stats()
     log(
@@ -79,9 +125,52 @@ def train_tokenizer(
     )
     if stats["skipped"]:
         log(f"skipped bad lines: {dict(stats['skipped'])}")
-    for i, t in enumerate(SPECIAL_TOKENS):
-        assert tok.token_to_id(t) == i, f"special {t} landed at {tok.token_to_id(t)}"
-    return save_tokenizer(tok, out_dir)
+    return tok
+
+
+def _train_bounded(
+    paths: list[Path],
+    vocab_size: int,
+    on_bad_line: str,
+    max_memory: str | int | None,
+    num_threads: int | None,
+    t0: float,
+) -> Tokenizer:
+    try:
+        model_json, stats = train_bpe_bounded(
+            [str(p) for p in paths],
+            vocab_size,
+            SPECIAL_TOKENS,
+            max_memory,
+            on_bad_line=on_bad_line,
+            num_threads=num_threads,
+        )
+    except DataFormatError:
+        raise
+    except ValueError as e:  # a budget too small, a bad size string, no records
+        raise UserError(str(e)) from None
+    model = json.loads(model_json)
+    tok = new_tokenizer()
+    tok.model = models.BPE(model["vocab"], [tuple(m) for m in model["merges"]])
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    mb = 1 << 20
+    log(
+        f"read {stats['records']} records ({stats['bytes'] / 1e6:.1f} MB of text, "
+        f"{stats['pieces']} pre-tokens) in {stats['count_secs']:.1f}s"
+    )
+    if stats["prunes"]:
+        log(
+            f"count table over its budget ({stats['table_budget'] / mb:.0f} MB of estimated "
+            f"training memory) {stats['prunes']} times: {stats['cut']} rare pieces cut at "
+            "their weakest link"
+        )
+    log(
+        f"trained on {stats['words']} distinct pieces (est. {stats['table_cost'] / mb:.0f} MB) "
+        f"in {stats['train_secs']:.1f}s; {time.perf_counter() - t0:.1f}s in all"
+    )
+    if stats["skipped"]:
+        log(f"skipped bad lines: {dict(stats['skipped'])}")
+    return tok
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: Path) -> Path:
@@ -160,6 +249,20 @@ def add_commands(sub) -> None:
     t.add_argument("--vocab-size", type=int, default=6400)
     t.add_argument("--out", type=Path, required=True, metavar="DIR")
     t.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
+    t.add_argument(
+        "--trainer",
+        choices=TRAINERS,
+        default="bounded",
+        help="bounded: peak memory capped by --max-memory (default); plain: Hugging Face's "
+        "trainer, which needs ~90x the corpus in RAM on Chinese text",
+    )
+    t.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="peak memory of the bounded trainer, e.g. 512MB, 4GB (default 2GB)",
+    )
+    t.add_argument("--threads", type=int, default=None, help="counting/training threads")
     t.set_defaults(func=_cmd_train)
 
     i = tsub.add_parser("info", help="vocab size, specials and compression on a file")
@@ -170,7 +273,15 @@ def add_commands(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    train_tokenizer(args.data, args.out, args.vocab_size, args.on_bad_line)
+    train_tokenizer(
+        args.data,
+        args.out,
+        args.vocab_size,
+        args.on_bad_line,
+        trainer=args.trainer,
+        max_memory=args.max_memory,
+        num_threads=args.threads,
+    )
     return 0
 
 

@@ -119,10 +119,15 @@ pub fn strip_document_markers(text: &str) -> &str {
     t.strip_suffix("</s>").unwrap_or(t)
 }
 
-fn json_error(e: serde_json::Error) -> BadReason {
+/// Syntax errors are invalid JSON; a type error is a schema error only if the line is valid
+/// JSON as a whole (serde stops at the first wrong type, e.g. `[1, 2` fails as "a sequence").
+fn json_error(line: &str, e: serde_json::Error) -> BadReason {
     use serde_json::error::Category;
     match e.classify() {
-        Category::Data => BadReason::BadSchema(e.to_string()),
+        Category::Data => match serde_json::from_str::<serde::de::IgnoredAny>(line) {
+            Ok(_) => BadReason::BadSchema(e.to_string()),
+            Err(syntax) => BadReason::InvalidJson(syntax.to_string()),
+        },
         _ => BadReason::InvalidJson(e.to_string()),
     }
 }
@@ -171,15 +176,18 @@ pub fn parse_line(bytes: &[u8], kind: Kind) -> std::result::Result<Option<Record
     }
     let record = match kind {
         Kind::Text => {
-            let Object(t): Object<TextLine> = serde_json::from_str(line).map_err(json_error)?;
+            let Object(t): Object<TextLine> =
+                serde_json::from_str(line).map_err(|e| json_error(line, e))?;
             Record::Text(t.text)
         }
         Kind::Chat => {
-            let Object(c): Object<ChatLine> = serde_json::from_str(line).map_err(json_error)?;
+            let Object(c): Object<ChatLine> =
+                serde_json::from_str(line).map_err(|e| json_error(line, e))?;
             chat_record(c.conversations)?
         }
         Kind::Auto => {
-            let Object(a): Object<AnyLine> = serde_json::from_str(line).map_err(json_error)?;
+            let Object(a): Object<AnyLine> =
+                serde_json::from_str(line).map_err(|e| json_error(line, e))?;
             match (a.text, a.conversations) {
                 (Some(t), _) => Record::Text(t),
                 (None, Some(c)) => chat_record(c)?,

@@ -7,5 +7,6 @@ pub mod jsonl;
 pub mod loader;
 pub mod pack;
 pub mod tokenizer;
+pub mod tokenizer_train;
 
 mod python;

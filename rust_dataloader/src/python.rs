@@ -337,6 +337,10 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TextStream>()?;
     m.add_class::<PackedLoader>()?;
     m.add_function(wrap_pyfunction!(scan_file, m)?)?;
+    m.add_function(wrap_pyfunction!(
+        crate::tokenizer_train::train_bpe_bounded,
+        m
+    )?)?;
     m.add("DataFormatError", m.py().get_type::<DataFormatError>())?;
     m.add("TEMPLATE_VERSION", tokenizer::TEMPLATE_VERSION)?;
     m.add("DEFAULT_SYSTEM", tokenizer::DEFAULT_SYSTEM)?;
