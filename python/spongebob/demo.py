@@ -125,16 +125,18 @@ def _score(model, tok, eval_file: Path, plan: DemoPlan) -> dict:
     }
 
 
-def _samples(model, tok, plan: DemoPlan) -> list[dict]:
-    """One sample per chat mode (greedy, so the report is reproducible)."""
+def _samples(pretrained, model, tok, plan: DemoPlan) -> list[dict]:
+    """One sample per chat mode (greedy, so the report is reproducible): raw continuation by
+    the pretrained model, chat and reasoning by the final one."""
     from spongebob.generate import Generator, SamplingConfig, parse_reasoning
 
-    gen = Generator(model, tok)
     cfg = SamplingConfig(max_new_tokens=plan.max_new_tokens, temperature=0.0)
     out = []
     raw = "法国的首都是"
     ids = [int(i) for i in tok.encode_document(raw)][:-1]  # <s> + text, no </s>
-    out.append({"mode": "pretrain", "prompt": raw, "reply": gen.generate([ids], cfg)[0].text})
+    text = Generator(pretrained, tok).generate([ids], cfg)[0].text
+    out.append({"mode": "pretrain", "prompt": raw, "reply": text})
+    gen = Generator(model, tok)
     prompts = [
         ("chat", "你是谁？"),
         ("chat", "日本的首都是哪里？"),
@@ -219,6 +221,8 @@ def run_demo(out: Path, plan_name: str = "full", seed: int = 0) -> dict:
         toks = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
         model, meta = load_model(result.final, device="cpu")
         model.eval()
+        if stage == "pretrain":
+            pretrained = model
         s = _score(model, tok, files["eval"], plan)
         score = StageScore(
             stage=stage,
@@ -236,7 +240,7 @@ def run_demo(out: Path, plan_name: str = "full", seed: int = 0) -> dict:
         )
         scores.append(score)
         log(f"stage {stage} done in {wall:.0f}s: {untrained_summary(s)}")
-    samples = _samples(model, tok, plan)
+    samples = _samples(pretrained, model, tok, plan)
     card = {
         "plan": plan_name,
         "seed": seed,
@@ -319,7 +323,7 @@ def write_report(out: Path, card: dict, run: Path) -> None:
         parts.append("")
     except ImportError:
         parts.append("(matplotlib is not installed: no loss curves)\n")
-    parts.append("## Sample chats (greedy, final model)\n")
+    parts.append("## Samples (greedy; pretrain mode by the pretrained model, the rest final)\n")
     for smp in card["samples"]:
         parts.append(f"**{smp['mode']}** — {smp['prompt']}\n")
         parts.append("```\n" + smp["reply"] + "\n```\n")
