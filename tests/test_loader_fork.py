@@ -130,3 +130,34 @@ def test_torch_dataloader_with_two_fork_workers_does_not_hang_and_yields_referen
     # The spec doesn't say whether DataLoader workers split the rows or each yield all of them.
     doubled = Counter({k: 2 * v for k, v in whole.items()})
     assert got in (shared, doubled), f"{sum(got.values())} batches, neither split nor doubled"
+
+
+def test_dataloader_workers_follow_the_epoch_and_refuse_a_mid_epoch_position(
+    loader_files, chat_tok, tok_dir, make_ds, make_ref
+):
+    import torch.utils.data
+
+    files = loader_files["chat"]
+    kw = dict(seq_len=160, batch_size=2, seed=6)
+    ds = make_ds(files, chat_tok, "chat", **kw)
+    ds.set_epoch(1)
+    dl = torch.utils.data.DataLoader(
+        _Iterable(ds), batch_size=None, num_workers=2, multiprocessing_context="fork",
+        timeout=TIMEOUT,
+    )
+    got = Counter(ref.batch_digest(b) for b in dl)
+    want = Counter()
+    for r in range(2):  # worker w of 2 is rank w of 2, in epoch 1 (not epoch 0)
+        want.update(
+            ref.batch_digest(b)
+            for b in make_ref(files, tok_dir, "chat", **kw, rank=r, world_size=2).batches(1)
+        )
+    assert got == want
+
+    next(iter(ds))  # one batch handed out: a position inside the epoch
+    dl = torch.utils.data.DataLoader(
+        _Iterable(ds), batch_size=None, num_workers=2, multiprocessing_context="fork",
+        timeout=TIMEOUT,
+    )
+    with pytest.raises(ValueError, match="mid-epoch position"):
+        list(dl)

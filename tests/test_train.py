@@ -509,7 +509,7 @@ def test_eval_data_and_val_split_log_validation_loss(tmp_path, data, tok_dir):
 
     r2 = train(small("pretrain", data, tmp_path / "b", tok_dir, val_split=0.2))
     assert r2.eval_loss is not None and r2.eval_loss > 0
-    split = tmp_path / "b" / "pretrain" / "val_split"
+    (split,) = (tmp_path / "b" / "pretrain" / "val_split").iterdir()  # one folder per split
     n_val = len((split / "val.jsonl").read_text().splitlines())
     n_train = len((split / "train.jsonl").read_text().splitlines())
     assert n_val + n_train == 40 and 0 < n_val < 20

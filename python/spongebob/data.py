@@ -47,8 +47,12 @@ class PackedDataset:
     Iterating yields the rest of the current epoch; when it is exhausted the position moves
     to the next epoch (reshuffled from the seed), so `for epoch ...: for batch in ds:` works
     as is. `state_dict()` counts the batches handed out (not those prefetched) and
-    `load_state_dict()` resumes exactly there. Inside a torch `DataLoader` worker, the
-    worker takes its own share of this rank's rows (resume state is then per worker).
+    `load_state_dict()` resumes exactly there.
+
+    No torch `DataLoader` workers are needed (the Rust side already builds batches ahead in
+    its own threads), but it works under them: each worker takes its own share of this rank's
+    rows of the current epoch. A mid-epoch position cannot be split across workers, so that
+    case is refused; without `cache_dir`, each worker tokenizes into its own temporary cache.
     """
 
     def __init__(
@@ -97,11 +101,18 @@ class PackedDataset:
         info = torch.utils.data.get_worker_info()
         if info is None or info.num_workers == 1:
             return self._loader
+        state = self._loader.state_dict()
+        if state["batches"]:
+            raise ValueError(
+                "PackedDataset: a mid-epoch position cannot be split across DataLoader workers; "
+                "iterate it directly (it prefetches in Rust threads) or resume at an epoch start"
+            )
         args = dict(self._args)
         args["rank"] = self._args["rank"] * info.num_workers + info.id
         args["world_size"] = self._args["world_size"] * info.num_workers
-        # The parent built the cache; a worker without one would rebuild it per process.
-        return PackedLoader(tokenizer=self.tokenizer, **args)
+        loader = PackedLoader(tokenizer=self.tokenizer, **args)
+        loader.set_epoch(state["epoch"])
+        return loader
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import torch

@@ -12,6 +12,7 @@ reduced run the CI test uses.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -166,6 +167,9 @@ def run_demo(out: Path, plan_name: str = "full", seed: int = 0) -> dict:
 
     plan = PLANS[plan_name]
     out = Path(out)
+    # The demo is one fresh run: a second `spongebob demo` replaces the first one's outputs.
+    for old in ("run", "cache"):
+        shutil.rmtree(out / old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     t_all = time.perf_counter()

@@ -21,6 +21,7 @@ so `--resume` continues bit for bit. Only rank 0 logs and writes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -522,7 +523,12 @@ def _train(cfg: TrainConfig, factory: Callable, d: Dist) -> TrainResult:
 
     # -- data --
     if cfg.val_split:
-        split_dir = Path(cfg.cache_dir or stage_dir) / "val_split"
+        # One folder per (sources, fraction, seed): stages and runs sharing a cache dir must
+        # not rewrite each other's split (that would change the files under a resume state).
+        split_id = hashlib.sha256(
+            json.dumps([sorted(map(str, data)), cfg.val_split, cfg.seed]).encode()
+        ).hexdigest()[:16]
+        split_dir = Path(cfg.cache_dir or stage_dir) / "val_split" / split_id
         if d.is_main:
             split_validation(data, cfg.val_split, cfg.seed, split_dir)
         barrier(d)
@@ -538,7 +544,19 @@ def _train(cfg: TrainConfig, factory: Callable, d: Dist) -> TrainResult:
         cache_dir=cfg.cache_dir,
         on_bad_line=cfg.on_bad_line,
     )
+    # With a shared cache dir, rank 0 builds the token cache first; the others then open it.
+    if d.initialized and not d.is_main and cfg.cache_dir:
+        barrier(d)
     ds = factory(data, tokenizer, **loader_kw)
+    if d.initialized and d.is_main and cfg.cache_dir:
+        barrier(d)
+    stats = ds.stats() if hasattr(ds, "stats") else {}
+    if stats.get("skipped") or stats.get("truncated"):
+        log(
+            f"data: skipped bad lines {dict(stats.get('skipped') or {})}, "
+            f"{stats.get('truncated', 0)} conversation(s) truncated at {cfg.seq_len + 1} tokens",
+            d,
+        )
     batches_per_epoch = len(ds)
     if batches_per_epoch == 0:
         raise UserError("the training data gives no batches (too little data for one row?)")
@@ -581,7 +599,10 @@ def _train(cfg: TrainConfig, factory: Callable, d: Dist) -> TrainResult:
                     f"{resume_ckpt}); rerun the original command with --resume"
                 )
         opt.load_state_dict(st["optimizer"])
-        ds.load_state_dict(st["loader"][d.rank])
+        try:
+            ds.load_state_dict(st["loader"][d.rank])
+        except ValueError as e:
+            raise UserError(f"cannot resume from {resume_ckpt}: {e}") from None
         set_rng_state(st["rng"][d.rank])
         start_step = int(st["step"])
         counters.update({k: int(v) for k, v in st.get("counters", {}).items()})
@@ -612,6 +633,8 @@ def _train(cfg: TrainConfig, factory: Callable, d: Dist) -> TrainResult:
         "batches_per_epoch": batches_per_epoch,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "data_skipped": dict(stats.get("skipped") or {}),
+        "data_truncated": int(stats.get("truncated", 0)),
     }
     metrics = MetricsLog(stage_dir / "metrics.jsonl", cfg, d, start_step, run_meta)
 

@@ -465,14 +465,21 @@ impl PackedLoader {
                 self.depth,
             )?);
         }
-        let p = self.prefetch.as_mut().expect("set above");
-        let rx = p.rx.clone();
+        let rx = self.prefetch.as_ref().expect("set above").rx.clone();
         let got = py.detach(move || rx.recv());
         let batch = match got {
-            Ok(b) => b?,
-            Err(_) => return Err(PyValueError::new_err("the prefetch thread stopped")),
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                // The thread stops after an error: drop it so the next call starts afresh.
+                self.drop_prefetch();
+                return Err(e.into());
+            }
+            Err(_) => {
+                self.drop_prefetch();
+                return Err(PyValueError::new_err("the prefetch thread stopped"));
+            }
         };
-        p.next += 1;
+        self.prefetch.as_mut().expect("set above").next += 1;
         self.pos += 1;
         let (b, t) = (self.loader.cfg.batch_size, self.loader.cfg.seq_len);
         Ok(Some((
