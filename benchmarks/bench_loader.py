@@ -26,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -34,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_info
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "loader.json"
@@ -330,38 +331,6 @@ def run_in_subprocess(spec: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # report
-
-
-def machine_info() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["mem_total_gb"] = round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
-    for mod in ("torch", "tokenizers", "numpy", "spongebob"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
-            info[mod] = None
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE
-        ).stdout.strip()
-    except OSError:
-        pass
-    return info
 
 
 def table(results: list[dict]) -> str:

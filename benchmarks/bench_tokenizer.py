@@ -26,8 +26,6 @@ import datetime as dt
 import itertools
 import json
 import math
-import os
-import platform
 import random
 import resource
 import subprocess
@@ -35,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_info
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "tokenizer.json"
@@ -385,38 +385,6 @@ def mem_available_mb() -> float:
 # report
 
 
-def machine_info() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["mem_total_gb"] = round(int(line.split()[1]) / 1024**2, 1)
-        info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        pass
-    for mod in ("tokenizers", "spongebob"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
-            info[mod] = None
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE
-        ).stdout.strip()
-    except OSError:
-        pass
-    return info
-
-
 def peak_mb(r: dict) -> float:
     return r["rss_peak"].get("vmhwm_mb", r["rss_peak"]["ru_maxrss_mb"])
 
@@ -534,7 +502,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "tokenizer",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": machine_info(("tokenizers", "spongebob")),
         "command": "python benchmarks/bench_tokenizer.py " + " ".join(argv or sys.argv[1:]),
         "heldout": {"path": str(heldout), "chars": sum(len(t) for t in held_texts)},
         "results": results,
