@@ -2,10 +2,11 @@
 
     python benchmarks/bench_loader.py                 # 50 MB chat + 50 MB pretrain corpus
     python benchmarks/bench_loader.py --size-mb 2     # quick smoke run
+    python benchmarks/bench_loader.py --lp            # also bound chat packing by the LP (scipy)
 
-Generates a Chinese-heavy chat corpus and a pretrain corpus in a scratch directory, trains a
-tokenizer on a small sample of them (or uses `--tokenizer DIR`), then measures, each run in its
-own subprocess so peak RSS is that run's alone:
+Generates a Chinese-heavy chat corpus and a pretrain corpus with `corpus.py` in a scratch
+directory, trains a tokenizer on a small sample of them (or uses `--tokenizer
+DIR`), then measures, each run in its own subprocess so peak RSS is that run's alone:
 
 * baseline: the MiniMind-style `Dataset` (DESIGN §7): `json.loads` of every line of the whole
   file into a list, tokenize in `__getitem__` with HF `tokenizers`, pad to max length, build the
@@ -16,8 +17,10 @@ own subprocess so peak RSS is that run's alone:
 Reported: real (non-padding) input tokens per second over the whole run (construction included),
 fill ratio (real / B·T), time to the first batch, peak RSS (ru_maxrss and /proc VmHWM; also
 peak minus the RSS after importing torch and tokenizers, i.e. what the loader itself holds), and the
-ratio of each run's tokens/s to the baseline of the same corpus. Prints a markdown table and
-writes JSON (machine, versions, date).
+ratio of each run's tokens/s to the baseline of the same corpus. For chat corpora it also bounds
+the fewest rows any packing of whole conversations could use (`pack_bound.py`), so the fill can
+be judged against what the corpus allows. Prints markdown tables and writes JSON (machine,
+versions, date).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
@@ -34,106 +36,27 @@ import tempfile
 import time
 from pathlib import Path
 
+from corpus import ChineseCorpus, write_jsonl
 from machine import machine_info
+from pack_bound import bounds, lengths_from_cache
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "loader.json"
 
 # --------------------------------------------------------------------------------------------
-# corpus generation
+# corpora (benchmarks/corpus.py)
 
-_HANZI = (
-    "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说"
-    "产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使"
-    "点从业本去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明"
-    "看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料"
-    "象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指"
-    "几九区强放决西被干做必战先回则任取据处队南给色光门即保治北造百规热领七海口东导器压志世金增争济阶"
-    "油思术极交受联什认六共权收证改清己美再采转更单风切打白教速花带安场身车例真务具万每目至达走积示议"
-)
-_EN = (
-    "the model data training learning neural network token language python rust loader batch "
-    "system user assistant answer question because however example result method"
-).split()
+# kind → (record maker, seed): conversations of 1–3 turns (up to ~2,000 characters, so some
+# exceed a 512-token row and are truncated) and pretrain documents.
+CORPORA = {
+    "chat": (lambda g: g.conversation, 1),
+    "text": (lambda g: g.document, 2),
+}
 
 
-class TextGen:
-    """Zipf-distributed pseudo-words of Chinese characters, with some English and digits."""
-
-    def __init__(self, seed: int):
-        self.rng = random.Random(seed)
-        words = set()
-        while len(words) < 4000:
-            n = self.rng.choices([1, 2, 3, 4], weights=[3, 6, 2, 1])[0]
-            words.add("".join(self.rng.choice(_HANZI) for _ in range(n)))
-        self.words = sorted(words)
-        self.rng.shuffle(self.words)
-        cum, total = [], 0.0
-        for i in range(len(self.words)):
-            total += 1.0 / (i + 1) ** 1.05
-            cum.append(total)
-        self.cum = cum
-
-    def sentence(self) -> str:
-        rng = self.rng
-        n = rng.randint(4, 18)
-        parts = rng.choices(self.words, cum_weights=self.cum, k=n)
-        if rng.random() < 0.15:
-            parts.insert(rng.randrange(len(parts)), f" {rng.choice(_EN)} ")
-        if rng.random() < 0.1:
-            parts.insert(rng.randrange(len(parts)), str(rng.randint(0, 99999)))
-        return "".join(parts) + rng.choice("，。。。！？；")
-
-    def paragraph(self, lo: int, hi: int) -> str:
-        """About lo..hi characters."""
-        target = self.rng.randint(lo, hi)
-        out, n = [], 0
-        while n < target:
-            s = self.sentence()
-            out.append(s)
-            n += len(s)
-        return "".join(out)
-
-
-def gen_chat(path: Path, size_mb: float, seed: int) -> int:
-    g = TextGen(seed)
-    rng = g.rng
-    limit = int(size_mb * 1e6)
-    n = written = 0
-    with path.open("w", encoding="utf-8") as f:
-        while written < limit:
-            conv = []
-            if rng.random() < 0.2:
-                conv.append({"role": "system", "content": g.paragraph(10, 60)})
-            for _ in range(rng.choices([1, 2, 3], weights=[6, 3, 1])[0]):
-                conv.append({"role": "user", "content": g.paragraph(8, 150)})
-                if rng.random() < 0.15:
-                    answer = (
-                        f"<think>\n{g.paragraph(40, 300)}\n</think>\n"
-                        f"<answer>\n{g.paragraph(20, 200)}\n</answer>"
-                    )
-                else:
-                    answer = g.paragraph(20, 450)
-                conv.append({"role": "assistant", "content": answer})
-            line = json.dumps({"conversations": conv}, ensure_ascii=False) + "\n"
-            f.write(line)
-            written += len(line.encode("utf-8"))
-            n += 1
-    return n
-
-
-def gen_pretrain(path: Path, size_mb: float, seed: int) -> int:
-    g = TextGen(seed)
-    limit = int(size_mb * 1e6)
-    n = written = 0
-    with path.open("w", encoding="utf-8") as f:
-        while written < limit:
-            # pretrain_hq.jsonl style: each text already wrapped in <s> ... </s>.
-            line = json.dumps({"text": f"<s>{g.paragraph(60, 900)}</s>"}, ensure_ascii=False) + "\n"
-            f.write(line)
-            written += len(line.encode("utf-8"))
-            n += 1
-    return n
+def generate(kind: str, path: Path, size_mb: float) -> int:
+    maker, seed = CORPORA[kind]
+    return write_jsonl(path, size_mb, maker(ChineseCorpus(seed)))
 
 
 def sample_file(src: Path, dst: Path, max_bytes: int) -> Path:
@@ -346,16 +269,30 @@ def table(results: list[dict]) -> str:
         "warm": "PackedDataset warm",
     }
     for r in results:
-        ratio = r["tokens_per_s"] / base[r["kind"]] if base.get(r["kind"]) else float("nan")
+        ratio = r["tokens_per_s"] / base[r["corpus"]] if base.get(r["corpus"]) else float("nan")
         peak = r["rss_peak"].get("vmhwm_mb", r["rss_peak"]["ru_maxrss_mb"])
         base_rss = r["rss_after_import"].get("vmhwm_mb", r["rss_after_import"]["ru_maxrss_mb"])
         name = names.get(r["variant"], r["variant"]) + ("" if r["complete_epoch"] else " (partial)")
         lines.append(
-            f"| {r['kind']} ({r['size_mb']:.0f} MB) | {name} "
+            f"| {r['corpus']} ({r['size_mb']:.0f} MB) | {name} "
             f"| {r['tokens_per_s'] / 1e6:.3f} M | {ratio:.1f}× | {100 * r['fill']:.1f} % "
             f"| {r['first_batch_s'] or 0:.2f} | {r['elapsed_s']:.1f} | {peak:.0f} "
             f"| {peak - base_rss:.0f} |"
         )
+    packed = [r for r in results if "pack_bound" in r]
+    if packed:
+        lines += [
+            "",
+            "| corpus | rows packed | fewest rows possible | fill of rows | best possible |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in packed:
+            st, pb = r["loader_stats"], r["pack_bound"]
+            kind = "LP" if "lp_rows" in pb else "L2"
+            lines.append(
+                f"| {r['corpus']} | {st['rows']} | {pb['best_rows']} ({kind}) "
+                f"| {100 * st['fill']:.2f} % | {100 * pb['max_fill']:.2f} % |"
+            )
     return "\n".join(lines)
 
 
@@ -369,7 +306,10 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=6400)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--kinds", nargs="+", default=["chat", "text"], choices=["chat", "text"])
+    p.add_argument("--kinds", nargs="+", default=list(CORPORA), choices=list(CORPORA))
+    p.add_argument(
+        "--lp", action="store_true", help="bound chat packing by the LP too (needs scipy)"
+    )
     p.add_argument(
         "--variants",
         nargs="+",
@@ -393,12 +333,11 @@ def main(argv=None) -> int:
     scratch = args.scratch
     scratch.mkdir(parents=True, exist_ok=True)
     tag = f"{args.size_mb:g}mb"
-    paths = {"chat": scratch / f"chat_{tag}.jsonl", "text": scratch / f"pretrain_{tag}.jsonl"}
+    paths = {kind: scratch / f"{kind}_{tag}.jsonl" for kind in args.kinds}
     for kind, path in paths.items():
-        if kind in args.kinds and (args.regen or not path.exists()):
+        if args.regen or not path.exists():
             t = time.perf_counter()
-            gen = gen_chat if kind == "chat" else gen_pretrain
-            n = gen(path, args.size_mb, seed=1 if kind == "chat" else 2)
+            n = generate(kind, path, args.size_mb)
             print(
                 f"generated {path} ({n} records, {time.perf_counter() - t:.1f}s)", file=sys.stderr
             )
@@ -427,6 +366,7 @@ def main(argv=None) -> int:
         for variant in args.variants:
             spec = dict(
                 variant=variant,
+                corpus=kind,
                 kind=kind,
                 path=str(paths[kind]),
                 size_mb=size_mb,
@@ -437,17 +377,20 @@ def main(argv=None) -> int:
                 cache_dir=str(cache) if variant != "baseline" else None,
             )
             r = run_in_subprocess(spec)
+            if variant == "cold" and spec["kind"] == "chat":
+                lengths = lengths_from_cache(cache)
+                r["pack_bound"] = bounds(lengths, args.seq_len + 1, lp=args.lp)
             print(
-                f"{kind:5s} {variant:8s} {r['tokens_per_s'] / 1e6:8.3f} M tok/s  "
+                f"{kind:9s} {variant:8s} {r['tokens_per_s'] / 1e6:8.3f} M tok/s  "
                 f"fill {100 * r['fill']:5.1f} %  {r['elapsed_s']:6.1f} s",
                 file=sys.stderr,
             )
             results.append(r)
 
-    base = {r["kind"]: r["tokens_per_s"] for r in results if r["variant"] == "baseline"}
+    base = {r["corpus"]: r["tokens_per_s"] for r in results if r["variant"] == "baseline"}
     for r in results:
         r["ratio_to_baseline"] = (
-            r["tokens_per_s"] / base[r["kind"]] if base.get(r["kind"]) else None
+            r["tokens_per_s"] / base[r["corpus"]] if base.get(r["corpus"]) else None
         )
     md = table(results)
     print(md)

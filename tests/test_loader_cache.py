@@ -103,6 +103,36 @@ def test_a_different_tokenizer_does_not_use_the_other_tokenizers_cache(
     ref.assert_same_batches(list(make_ds(files, chat_tok, "chat", **kw)), exp0, "first again")
 
 
+def test_rebuilding_after_an_edit_removes_the_old_versions_caches_and_keeps_other_files(
+    corpus, tmp_path, chat_tok, minimind_tok_dir, make_ds
+):
+    from spongebob.data import ChatTokenizer
+
+    def metas():
+        return sorted(p.name for p in cache.glob("*.json"))
+
+    cache = tmp_path / "cache"
+    kw = _kw("chat", cache)
+    path = corpus["chat"][0]
+    other_file = corpus["text"][0]
+    list(make_ds([path], chat_tok, "chat", **kw))
+    list(make_ds([path], ChatTokenizer.from_dir(str(minimind_tok_dir)), "chat", **kw))
+    list(make_ds([other_file], chat_tok, "text", **_kw("text", cache)))
+    before = metas()
+    assert len(before) == 3 and len(_cache_files(cache)) == 12
+
+    with path.open("a", encoding="utf-8") as f:  # a new version of the file
+        f.write(path.read_text(encoding="utf-8").splitlines()[0] + "\n")
+    list(make_ds([path], chat_tok, "chat", **kw))
+    after = metas()
+    # Both tokenizers' caches of the old version are gone; the new version's cache and the
+    # other file's cache are there, with all their data files.
+    assert len(after) == 2 and len(_cache_files(cache)) == 8, after
+    kept = set(before) & set(after)
+    assert [n.startswith(other_file.stem) for n in kept] == [True]
+    assert [n for n in after if n.startswith(path.stem) and n not in before]
+
+
 def _truncate(p: Path) -> None:
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])

@@ -21,6 +21,7 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -73,6 +74,37 @@ pub struct CacheMeta {
     pub crc_idx: u32,
     /// Bad lines skipped while building, by reason code.
     pub skipped: BTreeMap<String, u64>,
+}
+
+/// Delete the caches in `dir` of earlier versions of the same source file (same path, another
+/// size or mtime), whatever their tokenizer or kind, once `stem` holds the current one: the
+/// key includes the file's identity, so they can never be used again, and without this every
+/// edit of a big file would leave its old cache behind. Caches of other files sharing the
+/// directory are kept. Best effort: a cache that cannot be read or removed is left alone. The
+/// meta goes first, so a reader racing with the removal sees an incomplete cache and rebuilds.
+fn remove_stale_versions(dir: &Path, stem: &Path, src: &SourceId) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let current = with_ext(stem, "json");
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path == current || path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let Ok(bytes) = fs::read(&path) else {
+            continue;
+        };
+        let Ok(meta) = serde_json::from_slice::<CacheMeta>(&bytes) else {
+            continue;
+        };
+        if meta.source.path == src.path && meta.source != *src && fs::remove_file(&path).is_ok() {
+            let old_stem = path.with_extension("");
+            for ext in ["tok", "cls", "idx"] {
+                let _ = fs::remove_file(with_ext(&old_stem, ext));
+            }
+        }
+    }
 }
 
 /// The tokenized documents of one source file.
@@ -134,23 +166,34 @@ fn crc_of_file(path: &Path, expected_len: u64) -> Option<u32> {
     Some(hasher.finalize())
 }
 
+/// Where the tokenizing work runs: a thread pool, and a flag that asks it to stop.
+#[derive(Clone, Copy)]
+pub struct Workers<'a> {
+    pub pool: &'a rayon::ThreadPool,
+    /// Checked between chunks of lines; once set, the work ends with `Interrupted`.
+    pub cancel: &'a AtomicBool,
+}
+
 /// Parse and encode every record of `path` in order, in parallel chunks of lines, calling
 /// `f(line, encoded or why not)` for each (blank lines are passed over). `f` may stop the
-/// scan by returning an error.
+/// scan by returning an error; `workers.cancel` stops it between chunks with `Interrupted`.
 pub fn for_each_encoded(
     path: &Path,
     kind: Kind,
     tok: &ChatTokenizer,
-    pool: &rayon::ThreadPool,
+    workers: Workers<'_>,
     mut f: impl FnMut(u64, std::result::Result<Encoded, BadReason>) -> Result<()>,
 ) -> Result<()> {
     let mut lines = RawLines::open(path)?;
     let mut chunk = Vec::with_capacity(LINES_PER_CHUNK);
     loop {
+        if workers.cancel.load(Ordering::Relaxed) {
+            return Err(DataError::Interrupted);
+        }
         chunk.clear();
         let more = lines.fill(&mut chunk, LINES_PER_CHUNK)?;
         let encoded: Vec<(u64, Option<std::result::Result<Encoded, BadReason>>)> =
-            pool.install(|| {
+            workers.pool.install(|| {
                 chunk
                     .par_iter()
                     .map(|(line, raw)| {
@@ -186,7 +229,7 @@ impl DocStore {
         tok: &ChatTokenizer,
         dir: &Path,
         skip_bad: bool,
-        pool: &rayon::ThreadPool,
+        workers: Workers<'_>,
     ) -> Result<DocStore> {
         fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
         let src = SourceId::of(path)?;
@@ -198,7 +241,8 @@ impl DocStore {
                 return Ok(store);
             }
         }
-        Self::build(path, &src, &stem, kind, tok, skip_bad, pool)?;
+        Self::build(path, &src, &stem, kind, tok, skip_bad, workers)?;
+        remove_stale_versions(dir, &stem, &src);
         Self::try_open(&stem, &src, tok, kind).ok_or_else(|| {
             DataError::Config(format!(
                 "token cache {} failed its check right after being written",
@@ -249,7 +293,7 @@ impl DocStore {
         kind: Kind,
         tok: &ChatTokenizer,
         skip_bad: bool,
-        pool: &rayon::ThreadPool,
+        workers: Workers<'_>,
     ) -> Result<()> {
         let token_bytes: u8 = if tok.vocab_size() <= 1 << 16 { 2 } else { 4 };
         let tmp = |ext: &str| with_ext(stem, &format!("{ext}.tmp{}", std::process::id()));
@@ -272,7 +316,7 @@ impl DocStore {
             let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
             let (mut docs, mut tokens, mut bad) = (0u64, 0u64, 0u64);
             let mut bytes = Vec::new();
-            for_each_encoded(path, kind, tok, pool, |line, item| {
+            for_each_encoded(path, kind, tok, workers, |line, item| {
                 match item {
                     Ok(enc) => {
                         bytes.clear();

@@ -80,6 +80,9 @@ pub enum DataError {
     /// A configuration or state that does not fit (e.g. resume state from another run).
     #[error("{0}")]
     Config(String),
+    /// The caller asked the work to stop (Ctrl-C); nothing half-built is kept.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 fn fmt_bad_line(path: &std::path::Path, line: u64, reason: &BadReason) -> String {

@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver};
 use sha2::{Digest, Sha256};
 
-use crate::cache::DocStore;
+use crate::cache::{DocStore, Workers};
 use crate::error::{DataError, Result};
 use crate::jsonl::Kind;
 use crate::pack::{self, Plan};
@@ -79,7 +80,9 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn new(cfg: LoaderConfig, tok: &ChatTokenizer) -> Result<Loader> {
+    /// Open (or build) the token cache of every file. Setting `cancel` stops a build between
+    /// chunks of lines with `DataError::Interrupted`.
+    pub fn new(cfg: LoaderConfig, tok: &ChatTokenizer, cancel: &AtomicBool) -> Result<Loader> {
         cfg.check()?;
         let (dir, tmp) = match &cfg.cache_dir {
             Some(d) => (d.clone(), None),
@@ -103,7 +106,10 @@ impl Loader {
                 tok,
                 &dir,
                 cfg.skip_bad,
-                &pool,
+                Workers {
+                    pool: &pool,
+                    cancel,
+                },
             )?);
         }
         let mut doc_start = Vec::with_capacity(stores.len());

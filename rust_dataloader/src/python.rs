@@ -1,7 +1,9 @@
 //! The PyO3 layer: argument conversion, error mapping, GIL release. No logic of its own.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use numpy::{IntoPyArray, PyArray1, PyArrayMethods};
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyValueError};
@@ -293,6 +295,46 @@ pub(crate) fn parse_policy(s: &str) -> PyResult<bool> {
 /// (line, reason code, message) of a rejected line.
 type BadLine = (u64, String, String);
 
+/// Run long work (tokenizing a whole file) on a helper thread with the GIL released, while
+/// this thread looks for Ctrl-C every 50 ms: a signal sets the work's `cancel` flag, waits for
+/// it to stop (it checks between chunks of lines) and raises the signal's exception, so Ctrl-C
+/// during a cold cache build stops it instead of being seen only minutes later.
+fn interruptible<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce(&AtomicBool) -> Result<T, DataError> + Send,
+) -> PyResult<T> {
+    let cancel = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let handle = s.spawn(|| work(&cancel));
+        loop {
+            py.detach(|| {
+                for _ in 0..5 {
+                    if handle.is_finished() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            if handle.is_finished() {
+                break;
+            }
+            if let Err(interrupt) = py.check_signals() {
+                cancel.store(true, Ordering::Relaxed);
+                // The work's own result (Interrupted, or whatever it finished with) is dropped:
+                // the signal wins.
+                let _ = py.detach(|| handle.join());
+                return Err(interrupt);
+            }
+        }
+        match py.detach(|| handle.join()) {
+            Ok(result) => result.map_err(PyErr::from),
+            Err(_) => Err(PyValueError::new_err(
+                "internal error: the loader thread panicked",
+            )),
+        }
+    })
+}
+
 /// Validate and measure every line of a file: `(token lengths, [(line, reason code, message)])`.
 /// Unlike the loader it does not stop at the first bad line. Line 0 = the file as a whole.
 #[pyfunction]
@@ -308,14 +350,18 @@ fn scan_file<'py>(
     let core = tokenizer.core.clone();
     let threads =
         num_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let (lens, bad) = py.detach(|| -> Result<_, DataError> {
+    let (lens, bad) = interruptible(py, |cancel| -> Result<_, DataError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .build()
             .map_err(|e| DataError::Config(e.to_string()))?;
         let mut lens = Vec::new();
         let mut bad = Vec::new();
-        crate::cache::for_each_encoded(&path, kind, &core, &pool, |line, item| {
+        let workers = crate::cache::Workers {
+            pool: &pool,
+            cancel,
+        };
+        crate::cache::for_each_encoded(&path, kind, &core, workers, |line, item| {
             match item {
                 Ok(enc) => lens.push(enc.ids.len() as u32),
                 Err(reason) => bad.push((line, reason.code().to_owned(), reason.to_string())),
@@ -430,7 +476,7 @@ impl PackedLoader {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         };
         let core = tokenizer.core.clone();
-        let loader = py.detach(|| Loader::new(cfg, &core))?;
+        let loader = interruptible(py, |cancel| Loader::new(cfg, &core, cancel))?;
         Ok(PackedLoader {
             loader: Arc::new(loader),
             epoch: 0,
