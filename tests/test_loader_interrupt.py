@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import sys
+import signal, sys
+# Python leaves SIGINT ignored when it starts with it ignored (a background job of a
+# non-interactive shell, as under CI); a user at a terminal gets KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from spongebob.data import PackedDataset
 path, tok, cache = sys.argv[1:4]
 print("building", flush=True)

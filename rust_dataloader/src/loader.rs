@@ -143,9 +143,10 @@ impl Loader {
             Kind::Text => pack::plan_stream(&self.lens, &order, self.row_len()),
             _ => {
                 // Best-fit decreasing opens rows longest-first; shuffle them back.
-                let plan = pack::plan_best_fit(&self.lens, &order, self.row_len());
-                let rows = pack::shuffle(plan.num_rows(), self.cfg.seed ^ pack::ROW_SALT, epoch);
-                plan.reorder(&rows)
+                let seed = self.cfg.seed ^ pack::ROW_SALT;
+                pack::plan_best_fit_in_order(&self.lens, &order, self.row_len(), |rows| {
+                    pack::shuffle(rows, seed, epoch)
+                })
             }
         }
     }

@@ -1,7 +1,8 @@
 //! The epoch plan: shuffle documents, pack them into rows, and map batches to rows by rank.
 //! Pure functions of document lengths and the configuration (docs/architecture.md).
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 /// A slice of one document placed in a row: tokens `[start, start + len)` of document `doc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,51 +97,90 @@ pub fn plan_stream(lens: &[u64], order: &[u32], row_len: u64) -> Plan {
 /// Chat: best-fit decreasing. A document longer than `row_len` keeps its first `row_len`
 /// tokens. Documents are taken longest first (ties in `order`), and each goes to the open row
 /// with the least free space that fits it (ties: the row opened first), else to a new row.
-/// Rows come out in opening order, so longest-first; the loader shuffles them afterwards.
+/// Rows come out in opening order, so longest-first; the loader shuffles them afterwards
+/// (`plan_best_fit_in_order`).
 pub fn plan_best_fit(lens: &[u64], order: &[u32], row_len: u64) -> Plan {
+    plan_best_fit_in_order(lens, order, row_len, |rows| (0..rows as u32).collect())
+}
+
+/// `plan_best_fit(..).reorder(&row_order(rows))` without holding two copies of the plan: row
+/// `i` of the result is opened row `row_order(rows)[i]`.
+pub fn plan_best_fit_in_order(
+    lens: &[u64],
+    order: &[u32],
+    row_len: u64,
+    row_order: impl FnOnce(usize) -> Vec<u32>,
+) -> Plan {
     let cap = row_len as usize;
-    let mut by_len: Vec<(usize, u32)> = order
+    // (length, doc), longest first; the sort is stable, so equal lengths keep `order`.
+    let mut by_len: Vec<(u32, u32)> = order
         .iter()
-        .map(|&d| (lens[d as usize].min(row_len) as usize, d))
+        .map(|&d| (lens[d as usize].min(row_len) as u32, d))
         .collect();
-    // Stable: equal lengths keep their shuffled order.
     by_len.sort_by_key(|&(n, _)| std::cmp::Reverse(n));
-    // by_free[f] = rows with exactly f tokens of free space, by opening order.
-    let mut by_free: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); cap + 1];
-    let mut free: Vec<usize> = Vec::new();
-    let mut rows: Vec<Vec<Piece>> = Vec::new();
+    // by_free[f] = the rows with exactly f tokens free, smallest (first opened) on top. A row
+    // only ever leaves the top of its heap, so a heap per free size is enough.
+    let mut by_free: Vec<BinaryHeap<Reverse<u32>>> = vec![BinaryHeap::new(); cap + 1];
+    let mut free: Vec<u32> = Vec::new();
+    // row_of[k] = the row of the k-th document of `by_len`.
+    let mut row_of: Vec<u32> = Vec::with_capacity(by_len.len());
     let mut used = 0u64;
-    for (n, d) in by_len {
-        let target = (n..=cap).find_map(|f| by_free[f].first().copied());
-        let r = match target {
-            Some(r) => {
-                by_free[free[r as usize]].remove(&r);
-                r as usize
-            }
+    for &(n, _) in &by_len {
+        let n = n as usize;
+        let r = match (n..=cap).find(|&f| !by_free[f].is_empty()) {
+            Some(f) => by_free[f]
+                .pop()
+                .map(|Reverse(r)| r)
+                .expect("non-empty heap"),
             None => {
-                rows.push(Vec::new());
-                free.push(cap);
-                rows.len() - 1
+                free.push(cap as u32);
+                (free.len() - 1) as u32
             }
         };
-        rows[r].push(Piece {
-            doc: d,
-            start: 0,
-            len: n as u32,
-        });
-        free[r] -= n;
-        by_free[free[r]].insert(r as u32);
+        free[r as usize] -= n as u32;
+        by_free[free[r as usize] as usize].push(Reverse(r));
+        row_of.push(r);
         used += n as u64;
     }
-    let mut plan = Plan {
-        used_tokens: used,
-        ..Plan::default()
-    };
-    for row in rows {
-        plan.pieces.extend(row);
-        plan.row_ends.push(plan.pieces.len());
+    drop(by_free);
+    let rows = free.len();
+    drop(free);
+    // Counting sort of the documents by their row's place in the output; documents of one row
+    // stay in the order they arrived.
+    let mut place = vec![0u32; rows];
+    for (i, r) in row_order(rows).into_iter().enumerate() {
+        place[r as usize] = i as u32;
     }
-    plan
+    let mut starts = vec![0usize; rows + 1];
+    for &r in &row_of {
+        starts[place[r as usize] as usize + 1] += 1;
+    }
+    for i in 0..rows {
+        starts[i + 1] += starts[i];
+    }
+    let row_ends = starts[1..].to_vec();
+    let mut pieces = vec![
+        Piece {
+            doc: 0,
+            start: 0,
+            len: 0
+        };
+        by_len.len()
+    ];
+    for (&(n, d), &r) in by_len.iter().zip(&row_of) {
+        let slot = &mut starts[place[r as usize] as usize];
+        pieces[*slot] = Piece {
+            doc: d,
+            start: 0,
+            len: n,
+        };
+        *slot += 1;
+    }
+    Plan {
+        pieces,
+        row_ends,
+        used_tokens: used,
+    }
 }
 
 impl Plan {
@@ -246,6 +286,20 @@ mod tests {
             ]
         );
         assert_eq!(moved.used_tokens, plan.used_tokens);
+    }
+
+    #[test]
+    fn packing_in_order_equals_packing_then_reordering() {
+        let mut rng = SplitMix64::for_epoch(7, 0);
+        let lens: Vec<u64> = (0..500).map(|_| 1 + rng.next_u64() % 40).collect();
+        let order = shuffle(lens.len(), 3, 1);
+        let plan = plan_best_fit(&lens, &order, 32);
+        let perm = shuffle(plan.num_rows(), 5, 2);
+        let direct = plan_best_fit_in_order(&lens, &order, 32, |rows| {
+            assert_eq!(rows, plan.num_rows());
+            perm.clone()
+        });
+        assert_eq!(direct, plan.reorder(&perm));
     }
 
     #[test]
