@@ -12,7 +12,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def machine_info(modules: tuple[str, ...] = ("torch", "tokenizers", "numpy", "spongebob")) -> dict:
-    """Platform, CPU model and count, memory, load average, package versions, git commit."""
+    """Platform, CPU model and count, memory, load average, package versions, git commit and
+    whether the tree had uncommitted changes."""
     info: dict = {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -36,9 +37,15 @@ def machine_info(modules: tuple[str, ...] = ("torch", "tokenizers", "numpy", "sp
         except Exception:
             info[mod] = None
     try:
+        git = ("git", "-C", str(HERE.parent))
         info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
+        # Uncommitted changes to tracked files: the commit alone does not say what ran.
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout
+        info["git_dirty"] = bool(status.strip())
     except OSError:
         pass
     return info
