@@ -29,7 +29,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 from corpus import ChineseCorpus, write_jsonl
-from machine import machine_info
+from machine import machine_info, peak_mb, rss_mb
 from pack_bound import bounds, lengths_from_cache
 
 HERE = Path(__file__).resolve().parent
@@ -152,18 +151,6 @@ def _baseline_datasets():
 # one measured run (in a subprocess)
 
 
-def _rss_mb() -> dict:
-    out = {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                key = "vmhwm_mb" if line.startswith("VmHWM") else "vmrss_mb"
-                out[key] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return out
-
-
 def worker(spec: dict) -> dict:
     import tokenizers  # noqa: F401  (imported before the RSS baseline is taken)
     import torch
@@ -171,7 +158,7 @@ def worker(spec: dict) -> dict:
     import spongebob.data  # noqa: F401
 
     torch.set_num_threads(1)
-    rss_import = _rss_mb()
+    rss_import = rss_mb()
     seq_len, bs, kind = spec["seq_len"], spec["batch_size"], spec["kind"]
     max_seconds = spec.get("max_seconds") or float("inf")
     t0 = time.perf_counter()
@@ -236,7 +223,7 @@ def worker(spec: dict) -> dict:
         "tokens_per_s": real / elapsed if elapsed > 0 else 0.0,
         "complete_epoch": complete,
         "rss_after_import": rss_import,
-        "rss_peak": _rss_mb(),
+        "rss_peak": rss_mb(),
     }
     if spec["variant"] != "baseline":
         st = ds.stats()
@@ -270,8 +257,8 @@ def table(results: list[dict]) -> str:
     }
     for r in results:
         ratio = r["tokens_per_s"] / base[r["corpus"]] if base.get(r["corpus"]) else float("nan")
-        peak = r["rss_peak"].get("vmhwm_mb", r["rss_peak"]["ru_maxrss_mb"])
-        base_rss = r["rss_after_import"].get("vmhwm_mb", r["rss_after_import"]["ru_maxrss_mb"])
+        peak = peak_mb(r["rss_peak"])
+        base_rss = peak_mb(r["rss_after_import"])
         name = names.get(r["variant"], r["variant"]) + ("" if r["complete_epoch"] else " (partial)")
         lines.append(
             f"| {r['corpus']} ({r['size_mb']:.0f} MB) | {name} "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 from corpus import generate
-from machine import machine_info
+from machine import machine_info, peak_mb, rss_mb
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "tokenizer.json"
@@ -65,23 +64,10 @@ def read_texts(path: Path) -> list[str]:
 # one measured training (in a subprocess)
 
 
-def _rss_mb() -> dict:
-    out = {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                out["vmhwm_mb" if line.startswith("VmHWM") else "vmrss_mb"] = (
-                    int(line.split()[1]) / 1024
-                )
-    except OSError:
-        pass
-    return out
-
-
 def worker(spec: dict) -> dict:
     from spongebob.tokenizer import train_tokenizer
 
-    rss_start = _rss_mb()
+    rss_start = rss_mb()
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
     t0 = time.perf_counter()
     train_tokenizer(
@@ -98,7 +84,7 @@ def worker(spec: dict) -> dict:
         "wall_s": wall,
         "loadavg_before": load,
         "rss_start": rss_start,
-        "rss_peak": _rss_mb(),
+        "rss_peak": rss_mb(),
     }
 
 
@@ -134,10 +120,6 @@ def mem_available_mb() -> float:
 # report
 
 
-def peak_mb(r: dict) -> float:
-    return r["rss_peak"].get("vmhwm_mb", r["rss_peak"]["ru_maxrss_mb"])
-
-
 def table(results: list[dict]) -> str:
     lines = [
         "| corpus | trainer | peak RSS (MB) | × plain | wall (s) | × plain "
@@ -152,13 +134,14 @@ def table(results: list[dict]) -> str:
             continue
         p = plain.get(r["size_mb"])
         if p is not None and r is not p:
-            rss = f"{peak_mb(r) / peak_mb(p):.3f}"
+            rss = f"{peak_mb(r['rss_peak']) / peak_mb(p['rss_peak']):.3f}"
             wall = f"{r['wall_s'] / p['wall_s']:.3f}"
             cpt = f"{100 * (r['chars_per_token'] / p['chars_per_token'] - 1):+.2f} %"
         else:
             rss = wall = cpt = "—"
         lines.append(
-            f"| {r['size_mb']:.0f} MB | {name} | {peak_mb(r):.0f} | {rss} | {r['wall_s']:.1f} "
+            f"| {r['size_mb']:.0f} MB | {name} | {peak_mb(r['rss_peak']):.0f} | {rss} "
+            f"| {r['wall_s']:.1f} "
             f"| {wall} | {r['chars_per_token']:.4f} | {cpt} |"
         )
     return "\n".join(lines)
@@ -229,7 +212,7 @@ def main(argv=None) -> int:
             if "failed" not in r:
                 r["chars_per_token"] = chars_per_token(Path(r["out"]), held_texts)
                 print(
-                    f"{size_mb:6.0f} MB {trainer:8s} peak {peak_mb(r):7.0f} MB  "
+                    f"{size_mb:6.0f} MB {trainer:8s} peak {peak_mb(r['rss_peak']):7.0f} MB  "
                     f"{r['wall_s']:7.1f} s  {r['chars_per_token']:.4f} chars/token",
                     file=sys.stderr,
                 )
@@ -242,7 +225,7 @@ def main(argv=None) -> int:
         pr = plain.get(r["size_mb"])
         if r["trainer"] != "plain" and pr is not None and "failed" not in r:
             r["vs_plain"] = {
-                "peak_rss": peak_mb(r) / peak_mb(pr),
+                "peak_rss": peak_mb(r["rss_peak"]) / peak_mb(pr["rss_peak"]),
                 "wall": r["wall_s"] / pr["wall_s"],
                 "chars_per_token": r["chars_per_token"] / pr["chars_per_token"],
             }

@@ -1,10 +1,12 @@
-"""What machine a benchmark ran on: recorded next to every result, since CPU numbers from
-different (or differently loaded) machines are not comparable."""
+"""What machine a benchmark ran on, recorded next to every result since CPU numbers from
+different (or differently loaded) machines are not comparable; and how much memory the
+measuring process holds."""
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 from pathlib import Path
 
@@ -49,3 +51,22 @@ def machine_info(modules: tuple[str, ...] = ("torch", "tokenizers", "numpy", "sp
     except OSError:
         pass
     return info
+
+
+def rss_mb() -> dict:
+    """This process's peak RSS (ru_maxrss, and /proc VmHWM where there is one) and current RSS
+    (VmRSS), in MB. Benchmarks run each measurement in its own subprocess so the peak is its."""
+    out = {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                key = "vmhwm_mb" if line.startswith("VmHWM") else "vmrss_mb"
+                out[key] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def peak_mb(rss: dict) -> float:
+    """The peak of an `rss_mb()` reading: VmHWM where /proc had it, else ru_maxrss."""
+    return rss.get("vmhwm_mb", rss["ru_maxrss_mb"])
