@@ -97,7 +97,7 @@ pub fn plan_stream(lens: &[u64], order: &[u32], row_len: u64) -> Plan {
 /// Chat: best-fit decreasing. A document longer than `row_len` keeps its first `row_len`
 /// tokens. Documents are taken longest first (ties in `order`), and each goes to the open row
 /// with the least free space that fits it (ties: the row opened first), else to a new row.
-/// Rows come out in opening order, so longest-first; the loader shuffles them afterwards
+/// Rows come out in opening order, so longest-first; the loader shuffles them as it packs
 /// (`plan_best_fit_in_order`).
 pub fn plan_best_fit(lens: &[u64], order: &[u32], row_len: u64) -> Plan {
     plan_best_fit_in_order(lens, order, row_len, |rows| (0..rows as u32).collect())
@@ -142,6 +142,7 @@ pub fn plan_best_fit_in_order(
         row_of.push(r);
         used += n as u64;
     }
+    // Freed before the output is allocated: the peak is then the output, not both.
     drop(by_free);
     let rows = free.len();
     drop(free);
@@ -183,8 +184,10 @@ pub fn plan_best_fit_in_order(
     }
 }
 
+#[cfg(test)]
 impl Plan {
     /// The same rows in the order `perm` (row `i` of the result is row `perm[i]` of `self`).
+    /// The plain statement of what `plan_best_fit_in_order` does in one pass; tests only.
     pub fn reorder(&self, perm: &[u32]) -> Plan {
         let mut out = Plan {
             used_tokens: self.used_tokens,
