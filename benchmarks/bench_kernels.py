@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "kernels.json"
 
-# Training shapes of the tutorial model (DESIGN §5/§6): batch 84 × seq 512, dim 512, 8 heads
+# Training shapes of the tutorial model (contracts.md §4–§5): batch 84 × seq 512, dim 512, 8 heads
 # of 64, vocab 6400.
 TRAIN_ROWS = 84 * 512
 

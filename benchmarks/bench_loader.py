@@ -8,7 +8,7 @@ Generates a Chinese-heavy chat corpus and a pretrain corpus with `corpus.py` in 
 directory, trains a tokenizer on a small sample of them (or uses `--tokenizer
 DIR`), then measures, each run in its own subprocess so peak RSS is that run's alone:
 
-* baseline: the MiniMind-style `Dataset` (DESIGN §7): `json.loads` of every line of the whole
+* baseline: the MiniMind-style `Dataset`: `json.loads` of every line of the whole
   file into a list, tokenize in `__getitem__` with HF `tokenizers`, pad to max length, build the
   loss mask by scanning ids, batched by a torch `DataLoader` with `num_workers=0`;
 * cold: `PackedDataset` with an empty cache directory (tokenizes and writes the cache);

@@ -17,7 +17,8 @@ echo "== cargo clippy"
 cargo clippy --release --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --release
-echo "== ruff"
+echo "== ruff check, ruff format --check"
 .venv/bin/ruff check python tests benchmarks
+.venv/bin/ruff format --check python tests benchmarks
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

@@ -26,7 +26,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 # bf16 outputs: both sides compute in fp32 and round once to bf16 (8 significant bits, so one
 # ulp is 2⁻⁸..2⁻⁷ ≈ 0.4–0.8 % of the value). The interpreter truncates fp32→bf16 stores instead
-# of rounding (FIELD_NOTES), so results may sit one ulp apart, two at a rounding boundary:
+# of rounding, so results may sit one ulp apart, two at a rounding boundary:
 # rtol = 2 ulps = 2⁻⁶. atol covers values near 0, where a relative bound means nothing.
 BF16_ELEMENTWISE = {"rtol": 2**-6, "atol": 1e-3}
 

@@ -1,4 +1,4 @@
-"""Plain-Python reference of the loader contract (docs/architecture.md, DESIGN §2–§4).
+"""Plain-Python reference of the loader contract (contracts.md §1–§3).
 
 Written from the spec text, independently of `rust_dataloader/`. Slow on purpose: lists and
 loops, no shortcuts, so that each line can be read against the contract. The tests compare the
@@ -189,7 +189,7 @@ def class_weights(classes: Sequence[int], think_weight: float) -> np.ndarray:
 
 
 def strip_markers(text: str) -> str:
-    """A pretrain text without one leading `<s>` and one trailing `</s>` (DESIGN §2)."""
+    """A pretrain text without one leading `<s>` and one trailing `</s>` (contracts.md §1)."""
     if text.startswith(BOS):
         text = text[len(BOS) :]
     if text.endswith(EOS):
@@ -282,7 +282,7 @@ class RefEncoder:
 
 
 def render(messages, default_system: str, add_generation_prompt: bool = False) -> str:
-    """The template as text (DESIGN §3)."""
+    """The template as text (contracts.md §2)."""
     msgs = list(messages)
     if not msgs or msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": default_system}, *msgs]

@@ -46,8 +46,13 @@ def _replies(model, tok) -> tuple[str, str, str]:
         return gen.generate([list(tok.encode_prompt(msgs))], cfg)[0].text
 
     r1 = reply([{"role": "user", "content": U1}])
-    r2 = reply([{"role": "user", "content": U1}, {"role": "assistant", "content": r1},
-                {"role": "user", "content": U2}])
+    r2 = reply(
+        [
+            {"role": "user", "content": U1},
+            {"role": "assistant", "content": r1},
+            {"role": "user", "content": U2},
+        ]
+    )
     return r1, r2, reply([{"role": "user", "content": U2}])
 
 
@@ -92,7 +97,12 @@ def _env() -> dict:
 def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "spongebob", "chat", *args],
-        input=stdin, capture_output=True, text=True, encoding="utf-8", env=_env(), timeout=120,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=_env(),
+        timeout=120,
     )
 
 
@@ -104,8 +114,11 @@ def test_two_turn_conversation_in_a_pseudo_terminal_keeps_history(ckpt, expected
     pexpect = pytest.importorskip("pexpect")
     u1, u2, r1, r2, r2_alone = expected
     child = pexpect.spawn(
-        sys.executable, ["-m", "spongebob", "chat", "--ckpt", str(ckpt), *GREEDY_FLAGS],
-        env=_env(), encoding="utf-8", timeout=120,
+        sys.executable,
+        ["-m", "spongebob", "chat", "--ckpt", str(ckpt), *GREEDY_FLAGS],
+        env=_env(),
+        encoding="utf-8",
+        timeout=120,
     )
     try:
         child.expect_exact(USER_PROMPT)
@@ -128,9 +141,13 @@ def test_two_turn_conversation_in_a_pseudo_terminal_keeps_history(ckpt, expected
 
 def test_slash_exit_ends_the_repl(ckpt):
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "spongebob", "chat", "--ckpt", str(ckpt),
-                                           "--device", "cpu"],
-                          env=_env(), encoding="utf-8", timeout=120)
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "spongebob", "chat", "--ckpt", str(ckpt), "--device", "cpu"],
+        env=_env(),
+        encoding="utf-8",
+        timeout=120,
+    )
     try:
         child.expect_exact(USER_PROMPT)
         child.sendline("/exit")
@@ -151,15 +168,17 @@ def test_noninteractive_prompts_form_one_conversation_and_print_json(ckpt, expec
     # --history 0 answers each prompt alone; --prompts-file reads the same turns.
     f = tmp_path / "prompts.txt"
     f.write_text(f"{u1}\n\n{u2}\n", encoding="utf-8")
-    res = _run("--ckpt", str(ckpt), *GREEDY_FLAGS, "--json", "--history", "0",
-               "--prompts-file", str(f))
+    res = _run(
+        "--ckpt", str(ckpt), *GREEDY_FLAGS, "--json", "--history", "0", "--prompts-file", str(f)
+    )
     assert res.returncode == 0, res.stderr
     assert [json.loads(x)["reply"] for x in res.stdout.splitlines()] == [r1, r2_alone]
 
 
 @pytest.mark.parametrize("case", ["empty prompt", "missing", "corrupt", "vocab"])
-def test_bad_input_is_one_line_error_without_traceback(case, ckpt, tmp_path, tok_dir,
-                                                       minimind_tok_dir):
+def test_bad_input_is_one_line_error_without_traceback(
+    case, ckpt, tmp_path, tok_dir, minimind_tok_dir
+):
     args = ["--ckpt", str(ckpt), "--prompt", "你好", *GREEDY_FLAGS]
     if case == "empty prompt":
         args = ["--ckpt", str(ckpt), "--prompt", "  "]
@@ -178,8 +197,12 @@ def test_bad_input_is_one_line_error_without_traceback(case, ckpt, tmp_path, tok
     assert "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("spongebob: error:"), res.stderr
-    assert {"empty prompt": "empty prompt", "missing": "no such", "corrupt": "corrupt",
-            "vocab": "tokens but the model"}[case] in lines[0]
+    assert {
+        "empty prompt": "empty prompt",
+        "missing": "no such",
+        "corrupt": "corrupt",
+        "vocab": "tokens but the model",
+    }[case] in lines[0]
 
 
 # --- in-process pieces ----------------------------------------------------------------------

@@ -35,8 +35,9 @@ def full(tmp_path_factory) -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def tokenizer(small, tmp_path_factory) -> ChatTokenizer:
     out = tmp_path_factory.mktemp("tok")
-    train_tokenizer([small[n] for n in ("pretrain", *TRAIN)], out, vocab_size=2048,
-                    show_progress=False)
+    train_tokenizer(
+        [small[n] for n in ("pretrain", *TRAIN)], out, vocab_size=2048, show_progress=False
+    )
     return ChatTokenizer.from_dir(str(out))
 
 
@@ -109,12 +110,14 @@ def test_chat_records_alternate_user_and_assistant_and_encode(small, tokenizer):
 
 
 def test_long_sft_conversations_are_mostly_512_to_1024_tokens(small, tokenizer):
-    lengths = [len(tokenizer.encode_conversation(r["conversations"])[0])
-               for r in _read(small["sft_1024"])]
+    lengths = [
+        len(tokenizer.encode_conversation(r["conversations"])[0]) for r in _read(small["sft_1024"])
+    ]
     inside = [n for n in lengths if 450 <= n <= 1100]
     assert len(inside) >= 0.9 * len(lengths), sorted(lengths)
-    short = [len(tokenizer.encode_conversation(r["conversations"])[0])
-             for r in _read(small["sft_512"])]
+    short = [
+        len(tokenizer.encode_conversation(r["conversations"])[0]) for r in _read(small["sft_512"])
+    ]
     assert max(short) <= 512
 
 
@@ -142,8 +145,13 @@ def test_eval_answer_keys_agree_with_the_fact_table_and_arithmetic(full):
 
 
 def test_eval_prompts_never_occur_in_training_but_their_facts_do(full):
-    train_users = {m["content"] for n in TRAIN for r in full[n] for m in r["conversations"]
-                   if m["role"] == "user"}
+    train_users = {
+        m["content"]
+        for n in TRAIN
+        for r in full[n]
+        for m in r["conversations"]
+        if m["role"] == "user"
+    }
     train_text = "\n".join(
         [r["text"] for r in full["pretrain"]]
         + [m["content"] for n in TRAIN for r in full[n] for m in r["conversations"]]
@@ -161,8 +169,10 @@ def test_eval_prompts_never_occur_in_training_but_their_facts_do(full):
         if rec["task"] == "arith":
             a, op, b = rec["expr"].split()
             word = {"+": "加", "-": "减", "×": "乘以"}[op]
-            for form in (rf"{a} \{op} {b} =" if op == "+" else rf"{a} {op} {b} =",
-                         rf"{a}{word}{b}等于"):
+            for form in (
+                rf"{a} \{op} {b} =" if op == "+" else rf"{a} {op} {b} =",
+                rf"{a}{word}{b}等于",
+            ):
                 # Unseen numbers: the pair is never worked in training, in any form.
                 assert not re.search(rf"(?<!\d){form}", train_text), rec["expr"]
 

@@ -21,14 +21,24 @@ from spongebob.evaluate import (
 )
 
 CHATS = [
-    {"conversations": [{"role": "user", "content": "法国的首都是哪里？"},
-                       {"role": "assistant", "content": "法国的首都是巴黎。"}]},
-    {"conversations": [{"role": "system", "content": "简短回答。"},
-                       {"role": "user", "content": "1 + 2 = ?"},
-                       {"role": "assistant", "content": "<think>\n1 + 2 = 3\n</think>\n"
-                                                        "<answer>\n3\n</answer>"},
-                       {"role": "user", "content": "谢谢"},
-                       {"role": "assistant", "content": "不客气！"}]},
+    {
+        "conversations": [
+            {"role": "user", "content": "法国的首都是哪里？"},
+            {"role": "assistant", "content": "法国的首都是巴黎。"},
+        ]
+    },
+    {
+        "conversations": [
+            {"role": "system", "content": "简短回答。"},
+            {"role": "user", "content": "1 + 2 = ?"},
+            {
+                "role": "assistant",
+                "content": "<think>\n1 + 2 = 3\n</think>\n<answer>\n3\n</answer>",
+            },
+            {"role": "user", "content": "谢谢"},
+            {"role": "assistant", "content": "不客气！"},
+        ]
+    },
 ]
 TEXTS = [{"text": "<s>巴黎是法国的首都。</s>"}, {"text": "Water boils at 100 degrees."}]
 
@@ -105,12 +115,28 @@ def test_answer_accuracy_scores_generated_replies_per_task(chat_tok):
     script = [int(i) for i in chat_tok.encode(reply, allow_special=True)] + [chat_tok.eos_id]
     records = [
         (1, {**CHATS[0], "answer": "巴黎", "task": "fact"}),
-        (2, {"conversations": [{"role": "user", "content": "1 + 2 = ?"},
-                               {"role": "assistant", "content": reply}],
-             "answer": "3", "task": "arith"}),
-        (3, {"conversations": [{"role": "user", "content": "2 + 2 = ?"},
-                               {"role": "assistant", "content": reply.replace("3", "4")}],
-             "answer": "4", "task": "arith"}),
+        (
+            2,
+            {
+                "conversations": [
+                    {"role": "user", "content": "1 + 2 = ?"},
+                    {"role": "assistant", "content": reply},
+                ],
+                "answer": "3",
+                "task": "arith",
+            },
+        ),
+        (
+            3,
+            {
+                "conversations": [
+                    {"role": "user", "content": "2 + 2 = ?"},
+                    {"role": "assistant", "content": reply.replace("3", "4")},
+                ],
+                "answer": "4",
+                "task": "arith",
+            },
+        ),
         (4, TEXTS[0]),  # no answer: not generated
     ]
     from spongebob.generate import SamplingConfig
@@ -118,8 +144,12 @@ def test_answer_accuracy_scores_generated_replies_per_task(chat_tok):
     # One record per batch: the scripted model replays its script from the start each time.
     out = {}
     for rec in records:
-        res = answer_accuracy(Scripted(script, chat_tok.vocab_size), chat_tok, [rec],
-                              SamplingConfig(max_new_tokens=64, temperature=0))
+        res = answer_accuracy(
+            Scripted(script, chat_tok.vocab_size),
+            chat_tok,
+            [rec],
+            SamplingConfig(max_new_tokens=64, temperature=0),
+        )
         out.update({r["line"]: r for r in res["rows"]})
     assert set(out) == {1, 2, 3}
     assert all(r["reply"] == reply for r in out.values())
@@ -149,10 +179,28 @@ def test_eval_cli_prints_a_table_and_writes_json(tmp_path, tok_dir):
     data = generate(tmp_path / "demo", scale=0.01)
     out = tmp_path / "result.json"
     res = subprocess.run(
-        [sys.executable, "-m", "spongebob", "eval", "--ckpt", str(ckpt), "--data",
-         str(data["eval"]), str(data["pretrain"]), "--limit", "12", "--max-new-tokens", "4",
-         "--out", str(out), "--device", "cpu"],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "spongebob",
+            "eval",
+            "--ckpt",
+            str(ckpt),
+            "--data",
+            str(data["eval"]),
+            str(data["pretrain"]),
+            "--limit",
+            "12",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert res.returncode == 0, res.stderr
     assert "eval.jsonl" in res.stdout and "pretrain.jsonl" in res.stdout and "ppl" in res.stdout
@@ -165,9 +213,21 @@ def test_eval_cli_prints_a_table_and_writes_json(tmp_path, tok_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n", encoding="utf-8")
     res = subprocess.run(
-        [sys.executable, "-m", "spongebob", "eval", "--ckpt", str(ckpt), "--data", str(bad),
-         "--device", "cpu"],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "spongebob",
+            "eval",
+            "--ckpt",
+            str(ckpt),
+            "--data",
+            str(bad),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().count("\n") == 0 and "bad.jsonl:1" in res.stderr

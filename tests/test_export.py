@@ -36,8 +36,13 @@ def hf_model(exported):
 def test_export_writes_the_files_transformers_needs(exported):
     _, out = exported
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= names
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"]
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
@@ -65,9 +70,14 @@ def test_transformers_greedy_generation_gives_our_tokens(exported, hf_model, cha
         prompt = [int(i) for i in tok.encode_prompt([{"role": "user", "content": text}])]
         mine = gen.generate([prompt], SamplingConfig(max_new_tokens=16, temperature=0))[0]
         with torch.no_grad():
-            out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                                    eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-        theirs = out[0, len(prompt):].tolist()
+            out = hf_model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=16,
+                do_sample=False,
+                eos_token_id=tok.eos_id,
+                pad_token_id=tok.pad_id,
+            )
+        theirs = out[0, len(prompt) :].tolist()
         if tok.eos_id in theirs:
             theirs = theirs[: theirs.index(tok.eos_id)]
         assert mine.ids == theirs, text
@@ -78,8 +88,11 @@ def test_transformers_greedy_generation_gives_our_tokens(exported, hf_model, cha
 def test_exported_tokenizer_renders_and_encodes_the_chat_template_like_ours(exported, chat_tok):
     _, out = exported
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    msgs = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
-            {"role": "user", "content": "法国的首都是哪里？"}]
+    msgs = [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "法国的首都是哪里？"},
+    ]
     rendered = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert rendered == chat_tok.render(msgs, add_generation_prompt=True)
     ids = hf_tok(rendered, add_special_tokens=False)["input_ids"]
@@ -112,9 +125,20 @@ def test_bf16_export_and_refusing_to_overwrite(exported, tmp_path):
 
 def test_export_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "spongebob", "export", "hf", "--ckpt", str(tmp_path / "none"),
-         "--out", str(tmp_path / "hf")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "spongebob",
+            "export",
+            "hf",
+            "--ckpt",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "hf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 1
     assert res.stderr.strip().count("\n") == 0 and "no such" in res.stderr

@@ -139,8 +139,9 @@ def test_repetition_penalty_in_generation_avoids_a_token_the_model_prefers():
     model = tiny_model(seed=4)
     prompt = [30, 31, 32]
     plain = Generator(model).generate([prompt], replace(GREEDY, max_new_tokens=1))[0].ids[0]
-    penalized = SamplingConfig(max_new_tokens=1, temperature=0.0, stop_ids=[],
-                               repetition_penalty=1e6)
+    penalized = SamplingConfig(
+        max_new_tokens=1, temperature=0.0, stop_ids=[], repetition_penalty=1e6
+    )
     # The favourite is in the prompt now, so a huge penalty must push it off the top.
     got = Generator(model).generate([[*prompt, plain]], penalized)[0].ids[0]
     assert got != plain

@@ -1,4 +1,4 @@
-"""Issue 3 / DESIGN §4: the token cache is used when valid and rebuilt when stale or damaged.
+"""Issue 3 / contracts.md §3: the token cache is used when valid and rebuilt when stale or damaged.
 
 Whatever state the cache is in, the batches must equal the reference computed from the current
 files and tokenizer: a stale or damaged cache is rebuilt, never silently used.

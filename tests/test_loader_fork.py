@@ -142,7 +142,10 @@ def test_dataloader_workers_follow_the_epoch_and_refuse_a_mid_epoch_position(
     ds = make_ds(files, chat_tok, "chat", **kw)
     ds.set_epoch(1)
     dl = torch.utils.data.DataLoader(
-        _Iterable(ds), batch_size=None, num_workers=2, multiprocessing_context="fork",
+        _Iterable(ds),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="fork",
         timeout=TIMEOUT,
     )
     got = Counter(ref.batch_digest(b) for b in dl)
@@ -156,7 +159,10 @@ def test_dataloader_workers_follow_the_epoch_and_refuse_a_mid_epoch_position(
 
     next(iter(ds))  # one batch handed out: a position inside the epoch
     dl = torch.utils.data.DataLoader(
-        _Iterable(ds), batch_size=None, num_workers=2, multiprocessing_context="fork",
+        _Iterable(ds),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="fork",
         timeout=TIMEOUT,
     )
     with pytest.raises(ValueError, match="mid-epoch position"):

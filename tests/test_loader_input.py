@@ -1,4 +1,4 @@
-"""Issue 3 / DESIGN §2: every bad-input class under both policies.
+"""Issue 3 / contracts.md §1: every bad-input class under both policies.
 
 error (default): a `DataFormatError` naming `file:line` (the file alone for an empty file).
 skip: the bad line is not a document, it is counted by reason in `stats()["skipped"]`, and every

@@ -1,4 +1,4 @@
-"""The model of DESIGN §5: sizes, block-diagonal attention, KV cache, HF mapping, loss."""
+"""The model of contracts.md §4: sizes, block-diagonal attention, KV cache, HF mapping, loss."""
 
 from __future__ import annotations
 

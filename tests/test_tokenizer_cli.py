@@ -103,7 +103,7 @@ def test_tokenizer_info_reports_vocab_specials_and_chars_per_token(tmp_path, tok
             ["<unk>", "<s>", "</s>", "<think>", "</think>", "<answer>", "</answer>"]
         )
     }
-    # The texts the tokenizer sees: one `<s>`/`</s>` marker pair stripped (DESIGN §2).
+    # The texts the tokenizer sees: one `<s>`/`</s>` marker pair stripped (contracts.md §1).
     texts = [ref.strip_markers(o["text"]) for o in objs]
     chars = sum(len(t) for t in texts)
     tokens = sum(len(chat_tok.encode(t)) for t in texts)

@@ -103,8 +103,9 @@ class ReasonView:
 class ChatSession:
     """Turns user text into prompt ids for the mode, and keeps the conversation."""
 
-    def __init__(self, tokenizer, mode: str = "chat", history: int = 4,
-                 system: str | None = None) -> None:
+    def __init__(
+        self, tokenizer, mode: str = "chat", history: int = 4, system: str | None = None
+    ) -> None:
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r} (pretrain, chat, reason)")
         if history < 0:
@@ -147,8 +148,9 @@ def _pieces(stream: Iterator[str], mode: str) -> Iterator[str]:
         yield view.flush()
 
 
-def reply_to(session: ChatSession, generator, user: str, cfg: SamplingConfig,
-             out=None) -> tuple[str, str]:
+def reply_to(
+    session: ChatSession, generator, user: str, cfg: SamplingConfig, out=None
+) -> tuple[str, str]:
     """Generate the reply to `user`, streaming its display form to `out` when given;
     record the turn. Returns (raw reply, finish reason)."""
     ids = session.prompt_ids(user)
@@ -186,21 +188,47 @@ def add_commands(sub) -> None:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--ckpt", required=True, type=Path, metavar="PATH",
-                   help="run folder, stage folder, checkpoint dir or file, or exported HF dir")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="run folder, stage folder, checkpoint dir or file, or exported HF dir",
+    )
     p.add_argument("--mode", choices=MODES, default="chat")
-    p.add_argument("--history", type=int, default=4, metavar="N",
-                   help="earlier exchanges kept in the prompt (default 4; 0 = none)")
+    p.add_argument(
+        "--history",
+        type=int,
+        default=4,
+        metavar="N",
+        help="earlier exchanges kept in the prompt (default 4; 0 = none)",
+    )
     p.add_argument("--system", help="system prompt (default: the template's)")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="non-interactive: a user turn (repeatable)")
-    p.add_argument("--prompts-file", type=Path, metavar="FILE",
-                   help="non-interactive: one user turn per line ('-' = stdin)")
-    p.add_argument("--json", action="store_true",
-                   help="non-interactive output as JSON lines (prompt, reply, think, answer)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="non-interactive: a user turn (repeatable)",
+    )
+    p.add_argument(
+        "--prompts-file",
+        type=Path,
+        metavar="FILE",
+        help="non-interactive: one user turn per line ('-' = stdin)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="non-interactive output as JSON lines (prompt, reply, think, answer)",
+    )
     add_sampling_args(p)
-    p.add_argument("--tokenizer", type=Path, metavar="DIR",
-                   help="tokenizer dir (default: the one stored with the checkpoint)")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="DIR",
+        help="tokenizer dir (default: the one stored with the checkpoint)",
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_chat)
 
@@ -208,19 +236,26 @@ def add_commands(sub) -> None:
 def add_sampling_args(p: argparse.ArgumentParser, greedy: bool = False) -> None:
     """The sampling flags shared by chat and eval."""
     p.add_argument("--max-new-tokens", type=int, default=256 if greedy else 512)
-    p.add_argument("--temperature", type=float, default=0.0 if greedy else 0.85,
-                   help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.0 if greedy else 0.85, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.85)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 makes tokens already in the context less likely (1 = off)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 makes tokens already in the context less likely (1 = off)",
+    )
     p.add_argument("--seed", type=int, help="make sampling reproducible")
 
 
 def sampling_from_args(args) -> SamplingConfig:
     cfg = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
     )
     cfg.check()
     return cfg
@@ -279,16 +314,19 @@ def _cmd_chat(args) -> int:
     return 0
 
 
-def repl(session: ChatSession, gen, cfg: SamplingConfig, meta: dict,
-         lines: Iterable[str] | None = None) -> int:
+def repl(
+    session: ChatSession, gen, cfg: SamplingConfig, meta: dict, lines: Iterable[str] | None = None
+) -> int:
     """The interactive loop. Ctrl-C during a reply stops it; at the prompt it quits."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    print(f"SpongeBob chat · {session.mode} mode · {meta.get('path')}\n"
-          "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
-          flush=True)
+    print(
+        f"SpongeBob chat · {session.mode} mode · {meta.get('path')}\n"
+        "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
+        flush=True,
+    )
     while True:
         try:
             line = input(USER_PROMPT)

@@ -1,4 +1,4 @@
-"""Typed training configuration and the four stage presets (DESIGN §6).
+"""Typed training configuration and the four stage presets (contracts.md §5).
 
 A stage is data, not a script: `STAGES` holds what differs between pretraining, SFT, long SFT and
 reasoning distillation (data kind, sequence length, epochs, batch, accumulation, learning rate,

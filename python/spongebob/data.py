@@ -1,8 +1,8 @@
 """The data side of SpongeBob, backed by the Rust extension (`rust_dataloader/`).
 
-`ChatTokenizer` renders the chat template and builds loss masks (DESIGN §3); `TextStream`
+`ChatTokenizer` renders the chat template and builds loss masks (contracts.md §2); `TextStream`
 streams the texts of jsonl files; `PackedDataset` yields fixed-shape packed batches
-(DESIGN §4, made exact in docs/architecture.md).
+(contracts.md §3).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from spongebob.errors import UserError
 
 
 def detect_kind(path: Path) -> str:
-    """"text" or "chat" from the first record that parses; "chat" when none does."""
+    """ "text" or "chat" from the first record that parses; "chat" when none does."""
     with open(path, "rb") as f:
         for raw in f:
             try:

@@ -264,9 +264,7 @@ def untrained_summary(s: dict) -> str:
         return "-" if x is None else f"{100 * x:.0f}%"
 
     ppl = s.get("perplexity")
-    return (
-        f"ppl {ppl:.1f} " if isinstance(ppl, (int, float)) else ""
-    ) + (
+    return (f"ppl {ppl:.1f} " if isinstance(ppl, (int, float)) else "") + (
         f"facts {pct(s.get('fact_accuracy'))}, reasoning format {pct(s.get('reasoning_format'))}, "
         f"arithmetic {pct(s.get('arithmetic_accuracy'))}"
     )
@@ -335,12 +333,14 @@ def write_report(out: Path, card: dict, run: Path) -> None:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "demo", help="run the whole pipeline on generated demo data (CPU, minutes)"
-    )
+    p = sub.add_parser("demo", help="run the whole pipeline on generated demo data (CPU, minutes)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR")
-    p.add_argument("--plan", choices=sorted(PLANS), default="full",
-                   help="full: the README demo; fast: the reduced CI run")
+    p.add_argument(
+        "--plan",
+        choices=sorted(PLANS),
+        default="full",
+        help="full: the README demo; fast: the reduced CI run",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
@@ -348,8 +348,10 @@ def add_commands(sub) -> None:
 def _cmd_demo(args) -> int:
     card = run_demo(args.out, args.plan, args.seed)
     print(format_scorecard(card))
-    print(f"\ntotal {card['wall_s']:.0f}s; scorecard: {args.out / 'scorecard.json'}, "
-          f"report: {args.out / 'report.md'}")
+    print(
+        f"\ntotal {card['wall_s']:.0f}s; scorecard: {args.out / 'scorecard.json'}, "
+        f"report: {args.out / 'report.md'}"
+    )
     for smp in card["samples"]:
         print(f"\n[{smp['mode']}] {smp['prompt']}\n{smp['reply']}")
     return 0

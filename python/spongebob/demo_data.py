@@ -85,82 +85,263 @@ _CAPITALS = [
 
 # (id, kind, topic, answer, en_topic, en_answer)
 _OTHER = [
-    ("geo:最高峰", "thing", "世界上最高的山峰", "珠穆朗玛峰",
-     "the highest mountain in the world", "Mount Everest"),
-    ("geo:最长河", "thing", "世界上最长的河流", "尼罗河",
-     "the longest river in the world", "the Nile"),
-    ("geo:中国最长河", "thing", "中国最长的河流", "长江",
-     "the longest river in China", "the Yangtze River"),
-    ("geo:最大洋", "thing", "世界上面积最大的海洋", "太平洋",
-     "the largest ocean in the world", "the Pacific Ocean"),
-    ("geo:最大热沙漠", "thing", "世界上面积最大的热带沙漠", "撒哈拉沙漠",
-     "the largest hot desert in the world", "the Sahara"),
-    ("geo:最大国", "thing", "世界上面积最大的国家", "俄罗斯",
-     "the largest country by area", "Russia"),
-    ("geo:最大洲", "thing", "世界上面积最大的大洲", "亚洲",
-     "the largest continent", "Asia"),
-    ("geo:最深海沟", "thing", "世界上最深的海沟", "马里亚纳海沟",
-     "the deepest ocean trench", "the Mariana Trench"),
-    ("geo:最大岛", "thing", "世界上最大的岛屿", "格陵兰岛",
-     "the largest island in the world", "Greenland"),
+    (
+        "geo:最高峰",
+        "thing",
+        "世界上最高的山峰",
+        "珠穆朗玛峰",
+        "the highest mountain in the world",
+        "Mount Everest",
+    ),
+    (
+        "geo:最长河",
+        "thing",
+        "世界上最长的河流",
+        "尼罗河",
+        "the longest river in the world",
+        "the Nile",
+    ),
+    (
+        "geo:中国最长河",
+        "thing",
+        "中国最长的河流",
+        "长江",
+        "the longest river in China",
+        "the Yangtze River",
+    ),
+    (
+        "geo:最大洋",
+        "thing",
+        "世界上面积最大的海洋",
+        "太平洋",
+        "the largest ocean in the world",
+        "the Pacific Ocean",
+    ),
+    (
+        "geo:最大热沙漠",
+        "thing",
+        "世界上面积最大的热带沙漠",
+        "撒哈拉沙漠",
+        "the largest hot desert in the world",
+        "the Sahara",
+    ),
+    (
+        "geo:最大国",
+        "thing",
+        "世界上面积最大的国家",
+        "俄罗斯",
+        "the largest country by area",
+        "Russia",
+    ),
+    ("geo:最大洲", "thing", "世界上面积最大的大洲", "亚洲", "the largest continent", "Asia"),
+    (
+        "geo:最深海沟",
+        "thing",
+        "世界上最深的海沟",
+        "马里亚纳海沟",
+        "the deepest ocean trench",
+        "the Mariana Trench",
+    ),
+    (
+        "geo:最大岛",
+        "thing",
+        "世界上最大的岛屿",
+        "格陵兰岛",
+        "the largest island in the world",
+        "Greenland",
+    ),
     ("geo:中国最大淡水湖", "thing", "中国面积最大的淡水湖", "鄱阳湖", "", ""),
     ("geo:黄河入海", "thing", "黄河注入的海", "渤海", "", ""),
-    ("sci:沸点", "thing", "标准大气压下水的沸点", "100摄氏度",
-     "the boiling point of water at sea level", "100 degrees Celsius"),
-    ("sci:冰点", "thing", "标准大气压下水的冰点", "0摄氏度",
-     "the freezing point of water at sea level", "0 degrees Celsius"),
-    ("sci:光速", "thing", "真空中的光速", "每秒约30万千米",
-     "the speed of light in a vacuum", "about 300,000 kilometres per second"),
-    ("sci:水化学式", "thing", "水的化学式", "H2O",
-     "the chemical formula of water", "H2O"),
-    ("sci:食盐", "thing", "食盐的主要成分", "氯化钠",
-     "the main component of table salt", "sodium chloride"),
-    ("sci:最大行星", "thing", "太阳系中最大的行星", "木星",
-     "the largest planet in the solar system", "Jupiter"),
-    ("sci:最近行星", "thing", "离太阳最近的行星", "水星",
-     "the planet closest to the Sun", "Mercury"),
-    ("sci:地球卫星", "thing", "地球唯一的天然卫星", "月球",
-     "the only natural satellite of the Earth", "the Moon"),
-    ("sci:最大器官", "thing", "人体最大的器官", "皮肤",
-     "the largest organ of the human body", "the skin"),
-    ("sci:一号元素", "thing", "元素周期表中的第一号元素", "氢",
-     "the first element of the periodic table", "hydrogen"),
-    ("sci:空气最多", "thing", "空气中含量最多的气体", "氮气",
-     "the most abundant gas in the air", "nitrogen"),
-    ("sci:光合作用", "thing", "植物光合作用释放的气体", "氧气",
-     "the gas that plants release in photosynthesis", "oxygen"),
-    ("sci:绝对零度", "thing", "绝对零度", "零下273.15摄氏度",
-     "absolute zero", "minus 273.15 degrees Celsius"),
-    ("sci:平年天数", "thing", "一个平年的天数", "365天",
-     "the number of days in a common year", "365 days"),
-    ("who:相对论", "who", "提出相对论的科学家", "爱因斯坦",
-     "the scientist who proposed the theory of relativity", "Albert Einstein"),
-    ("who:万有引力", "who", "发现万有引力定律的科学家", "牛顿",
-     "the scientist who discovered the law of universal gravitation", "Isaac Newton"),
+    (
+        "sci:沸点",
+        "thing",
+        "标准大气压下水的沸点",
+        "100摄氏度",
+        "the boiling point of water at sea level",
+        "100 degrees Celsius",
+    ),
+    (
+        "sci:冰点",
+        "thing",
+        "标准大气压下水的冰点",
+        "0摄氏度",
+        "the freezing point of water at sea level",
+        "0 degrees Celsius",
+    ),
+    (
+        "sci:光速",
+        "thing",
+        "真空中的光速",
+        "每秒约30万千米",
+        "the speed of light in a vacuum",
+        "about 300,000 kilometres per second",
+    ),
+    ("sci:水化学式", "thing", "水的化学式", "H2O", "the chemical formula of water", "H2O"),
+    (
+        "sci:食盐",
+        "thing",
+        "食盐的主要成分",
+        "氯化钠",
+        "the main component of table salt",
+        "sodium chloride",
+    ),
+    (
+        "sci:最大行星",
+        "thing",
+        "太阳系中最大的行星",
+        "木星",
+        "the largest planet in the solar system",
+        "Jupiter",
+    ),
+    (
+        "sci:最近行星",
+        "thing",
+        "离太阳最近的行星",
+        "水星",
+        "the planet closest to the Sun",
+        "Mercury",
+    ),
+    (
+        "sci:地球卫星",
+        "thing",
+        "地球唯一的天然卫星",
+        "月球",
+        "the only natural satellite of the Earth",
+        "the Moon",
+    ),
+    (
+        "sci:最大器官",
+        "thing",
+        "人体最大的器官",
+        "皮肤",
+        "the largest organ of the human body",
+        "the skin",
+    ),
+    (
+        "sci:一号元素",
+        "thing",
+        "元素周期表中的第一号元素",
+        "氢",
+        "the first element of the periodic table",
+        "hydrogen",
+    ),
+    (
+        "sci:空气最多",
+        "thing",
+        "空气中含量最多的气体",
+        "氮气",
+        "the most abundant gas in the air",
+        "nitrogen",
+    ),
+    (
+        "sci:光合作用",
+        "thing",
+        "植物光合作用释放的气体",
+        "氧气",
+        "the gas that plants release in photosynthesis",
+        "oxygen",
+    ),
+    (
+        "sci:绝对零度",
+        "thing",
+        "绝对零度",
+        "零下273.15摄氏度",
+        "absolute zero",
+        "minus 273.15 degrees Celsius",
+    ),
+    (
+        "sci:平年天数",
+        "thing",
+        "一个平年的天数",
+        "365天",
+        "the number of days in a common year",
+        "365 days",
+    ),
+    (
+        "who:相对论",
+        "who",
+        "提出相对论的科学家",
+        "爱因斯坦",
+        "the scientist who proposed the theory of relativity",
+        "Albert Einstein",
+    ),
+    (
+        "who:万有引力",
+        "who",
+        "发现万有引力定律的科学家",
+        "牛顿",
+        "the scientist who discovered the law of universal gravitation",
+        "Isaac Newton",
+    ),
     ("who:红楼梦", "who", "《红楼梦》的作者", "曹雪芹", "", ""),
-    ("who:哈姆雷特", "who", "《哈姆雷特》的作者", "莎士比亚",
-     "the author of Hamlet", "William Shakespeare"),
-    ("who:电话", "who", "发明电话的人", "贝尔",
-     "the inventor of the telephone", "Alexander Graham Bell"),
-    ("year:新中国", "year", "中华人民共和国成立", "1949年",
-     "the People's Republic of China was founded", "1949"),
-    ("year:登月", "year", "人类第一次登上月球", "1969年",
-     "humans first landed on the Moon", "1969"),
-    ("year:二战结束", "year", "第二次世界大战结束", "1945年",
-     "the Second World War ended", "1945"),
-    ("year:美国独立", "year", "美国发表《独立宣言》", "1776年",
-     "the United States declared independence", "1776"),
-    ("year:柏林墙", "year", "柏林墙倒塌", "1989年",
-     "the Berlin Wall fell", "1989"),
-    ("year:法国大革命", "year", "法国大革命爆发", "1789年",
-     "the French Revolution began", "1789"),
+    (
+        "who:哈姆雷特",
+        "who",
+        "《哈姆雷特》的作者",
+        "莎士比亚",
+        "the author of Hamlet",
+        "William Shakespeare",
+    ),
+    (
+        "who:电话",
+        "who",
+        "发明电话的人",
+        "贝尔",
+        "the inventor of the telephone",
+        "Alexander Graham Bell",
+    ),
+    (
+        "year:新中国",
+        "year",
+        "中华人民共和国成立",
+        "1949年",
+        "the People's Republic of China was founded",
+        "1949",
+    ),
+    (
+        "year:登月",
+        "year",
+        "人类第一次登上月球",
+        "1969年",
+        "humans first landed on the Moon",
+        "1969",
+    ),
+    ("year:二战结束", "year", "第二次世界大战结束", "1945年", "the Second World War ended", "1945"),
+    (
+        "year:美国独立",
+        "year",
+        "美国发表《独立宣言》",
+        "1776年",
+        "the United States declared independence",
+        "1776",
+    ),
+    ("year:柏林墙", "year", "柏林墙倒塌", "1989年", "the Berlin Wall fell", "1989"),
+    ("year:法国大革命", "year", "法国大革命爆发", "1789年", "the French Revolution began", "1789"),
     ("year:秦统一", "year", "秦始皇统一六国", "公元前221年", "", ""),
-    ("year:首届奥运", "year", "第一届现代奥运会举办", "1896年",
-     "the first modern Olympic Games were held", "1896"),
-    ("year:北京奥运", "year", "北京举办夏季奥运会", "2008年",
-     "Beijing hosted the Summer Olympics", "2008"),
-    ("year:哥伦布", "year", "哥伦布第一次到达美洲", "1492年",
-     "Columbus first reached the Americas", "1492"),
+    (
+        "year:首届奥运",
+        "year",
+        "第一届现代奥运会举办",
+        "1896年",
+        "the first modern Olympic Games were held",
+        "1896",
+    ),
+    (
+        "year:北京奥运",
+        "year",
+        "北京举办夏季奥运会",
+        "2008年",
+        "Beijing hosted the Summer Olympics",
+        "2008",
+    ),
+    (
+        "year:哥伦布",
+        "year",
+        "哥伦布第一次到达美洲",
+        "1492年",
+        "Columbus first reached the Americas",
+        "1492",
+    ),
 ]
 
 FACTS: list[Fact] = [
@@ -176,28 +357,75 @@ FACTS: list[Fact] = [
 # no eval prompt occurs verbatim in a training file.
 
 QUESTIONS = {
-    "capital": ["{t}的首都是哪里？", "{t}的首都是什么？", "请问{t}的首都是哪座城市？",
-                "{t}的首都叫什么名字？", "告诉我{t}的首都。", "你知道{t}的首都吗？",
-                "{t}的首都是哪个城市？", "哪座城市是{t}的首都？", "我想知道{t}的首都是哪个城市。",
-                "能说一下{t}的首都吗？"],
-    "thing": ["{t}是什么？", "请问{t}是什么？", "你知道{t}是什么吗？", "告诉我{t}是什么。",
-              "{t}是哪个？", "{t}叫什么？", "我想知道{t}是什么。", "能说一下{t}是什么吗？"],
-    "who": ["{t}是谁？", "请问{t}是谁？", "你知道{t}是谁吗？", "告诉我{t}是谁。",
-            "{t}叫什么名字？", "我想知道{t}是谁。", "能说一下{t}是谁吗？"],
-    "year": ["{t}是在哪一年？", "{t}是哪一年？", "请问{t}是在哪一年？", "你知道{t}是哪一年吗？",
-             "{t}是什么时候？", "我想知道{t}是哪一年。", "能说一下{t}是哪一年吗？"],
+    "capital": [
+        "{t}的首都是哪里？",
+        "{t}的首都是什么？",
+        "请问{t}的首都是哪座城市？",
+        "{t}的首都叫什么名字？",
+        "告诉我{t}的首都。",
+        "你知道{t}的首都吗？",
+        "{t}的首都是哪个城市？",
+        "哪座城市是{t}的首都？",
+        "我想知道{t}的首都是哪个城市。",
+        "能说一下{t}的首都吗？",
+    ],
+    "thing": [
+        "{t}是什么？",
+        "请问{t}是什么？",
+        "你知道{t}是什么吗？",
+        "告诉我{t}是什么。",
+        "{t}是哪个？",
+        "{t}叫什么？",
+        "我想知道{t}是什么。",
+        "能说一下{t}是什么吗？",
+    ],
+    "who": [
+        "{t}是谁？",
+        "请问{t}是谁？",
+        "你知道{t}是谁吗？",
+        "告诉我{t}是谁。",
+        "{t}叫什么名字？",
+        "我想知道{t}是谁。",
+        "能说一下{t}是谁吗？",
+    ],
+    "year": [
+        "{t}是在哪一年？",
+        "{t}是哪一年？",
+        "请问{t}是在哪一年？",
+        "你知道{t}是哪一年吗？",
+        "{t}是什么时候？",
+        "我想知道{t}是哪一年。",
+        "能说一下{t}是哪一年吗？",
+    ],
 }
 
 EN_QUESTIONS = {
-    "capital": ["What is the capital of {t}?", "Which city is the capital of {t}?",
-                "Tell me the capital of {t}.", "Do you know the capital of {t}?",
-                "Name the capital city of {t}.", "What city is the capital of {t}?"],
-    "thing": ["What is {t}?", "Tell me what {t} is.", "Do you know what {t} is?",
-              "Could you tell me what {t} is?"],
-    "who": ["Who is {t}?", "Tell me who {t} is.", "Do you know who {t} is?",
-            "Could you tell me who {t} is?"],
-    "year": ["Tell me the year when {t}.", "Do you know the year when {t}?",
-             "Could you tell me the year when {t}?", "What was the year when {t}?"],
+    "capital": [
+        "What is the capital of {t}?",
+        "Which city is the capital of {t}?",
+        "Tell me the capital of {t}.",
+        "Do you know the capital of {t}?",
+        "Name the capital city of {t}.",
+        "What city is the capital of {t}?",
+    ],
+    "thing": [
+        "What is {t}?",
+        "Tell me what {t} is.",
+        "Do you know what {t} is?",
+        "Could you tell me what {t} is?",
+    ],
+    "who": [
+        "Who is {t}?",
+        "Tell me who {t} is.",
+        "Do you know who {t} is?",
+        "Could you tell me who {t} is?",
+    ],
+    "year": [
+        "Tell me the year when {t}.",
+        "Do you know the year when {t}?",
+        "Could you tell me the year when {t}?",
+        "What was the year when {t}?",
+    ],
 }
 
 ANSWERS = {
@@ -216,8 +444,12 @@ EN_ANSWERS = {
 
 # Encyclopedia sentences for pretraining.
 ENCYCLOPEDIA = {
-    "capital": ["{a}是{t}的首都。", "{t}的首都是{a}。", "{t}以{a}为首都。",
-                "{a}作为{t}的首都，是一座重要的城市。"],
+    "capital": [
+        "{a}是{t}的首都。",
+        "{t}的首都是{a}。",
+        "{t}以{a}为首都。",
+        "{a}作为{t}的首都，是一座重要的城市。",
+    ],
     "thing": ["{t}是{a}。", "{a}是{t}。", "一般认为，{t}是{a}。"],
     "who": ["{t}是{a}。", "{a}是{t}。"],
     "year": ["{a}，{t}。", "{t}是在{a}。", "{t}的时间是{a}。"],
@@ -235,8 +467,10 @@ SECTION_TITLES = {
     "year": ["历史年表", "重要历史事件", "历史上的今天"],
 }
 EN_SECTION_TITLES = {
-    "capital": "Capitals of the world", "thing": "Facts about the world",
-    "who": "People and works", "year": "A timeline of history",
+    "capital": "Capitals of the world",
+    "thing": "Facts about the world",
+    "who": "People and works",
+    "year": "A timeline of history",
 }
 
 IDENTITY_ANSWERS = [
@@ -256,24 +490,50 @@ EN_GREETING_ANSWERS = ["Hello! I'm SpongeBob. What can I do for you today?"]
 # (training wordings, held-out wordings): the held-out ones are made of pieces that training
 # uses elsewhere ("请问…", "能…吗", "Could you …"), never of words the model has not seen.
 IDENTITY_QUESTIONS = (
-    ["你是谁？", "你是谁", "你叫什么名字？", "介绍一下你自己。", "你是什么？", "请问你是谁？",
-     "请做个自我介绍。", "你的名字叫什么？"],
+    [
+        "你是谁？",
+        "你是谁",
+        "你叫什么名字？",
+        "介绍一下你自己。",
+        "你是什么？",
+        "请问你是谁？",
+        "请做个自我介绍。",
+        "你的名字叫什么？",
+    ],
     ["请问你叫什么名字？", "你好，你是谁？", "能介绍一下你自己吗？"],
 )
 EN_IDENTITY_QUESTIONS = (
-    ["Who are you?", "What is your name?", "Introduce yourself.", "What are you?",
-     "Please introduce yourself."],
+    [
+        "Who are you?",
+        "What is your name?",
+        "Introduce yourself.",
+        "What are you?",
+        "Please introduce yourself.",
+    ],
     ["Hello, who are you?", "Could you introduce yourself?"],
 )
 GREETINGS = ["你好", "你好！", "您好", "嗨", "早上好", "晚上好", "哈喽"]
 EN_GREETINGS = ["Hello", "Hi!", "Good morning"]
-THANKS = [("谢谢！", "不客气！还有什么想问的吗？"), ("好的，谢谢你。", "不用谢，随时可以问我。"),
-          ("Thanks!", "You're welcome!")]
+THANKS = [
+    ("谢谢！", "不客气！还有什么想问的吗？"),
+    ("好的，谢谢你。", "不用谢，随时可以问我。"),
+    ("Thanks!", "You're welcome!"),
+]
 
 NAMES = ["小明", "小红", "小刚", "小丽", "小华", "小军", "妈妈", "爷爷", "老师", "小芳"]
 EN_NAMES = ["Tom", "Anna", "Lily", "Jack", "Mary", "Sam"]
-ITEMS = [("苹果", "个"), ("铅笔", "支"), ("本子", "本"), ("糖果", "颗"), ("气球", "个"),
-         ("橘子", "个"), ("贴纸", "张"), ("故事书", "本"), ("小球", "个"), ("饼干", "块")]
+ITEMS = [
+    ("苹果", "个"),
+    ("铅笔", "支"),
+    ("本子", "本"),
+    ("糖果", "颗"),
+    ("气球", "个"),
+    ("橘子", "个"),
+    ("贴纸", "张"),
+    ("故事书", "本"),
+    ("小球", "个"),
+    ("饼干", "块"),
+]
 EN_ITEMS = ["apples", "pencils", "books", "candies", "balloons", "stickers"]
 
 
@@ -305,7 +565,7 @@ def _conv(*turns: tuple[str, str]) -> dict:
 
 
 def reasoning(think: str, answer: str) -> str:
-    """Assistant content in the distillation format (DESIGN §2)."""
+    """Assistant content in the distillation format (contracts.md §1)."""
     return f"<think>\n{think}\n</think>\n<answer>\n{answer}\n</answer>"
 
 
@@ -370,25 +630,34 @@ def _problem(op: str, a: int, b: int, rng: random.Random, en: bool) -> Problem:
     n, m = rng.sample(NAMES, 2)
     item, unit = _pick(rng, ITEMS)
     if op == "+":
-        q = _pick(rng, [
-            f"{n}有{a}{unit}{item}，{m}又给了{n}{b}{unit}，现在{n}一共有多少{unit}{item}？",
-            f"{n}先买了{a}{unit}{item}，后来又买了{b}{unit}，{n}一共买了多少{unit}{item}？",
-            f"盒子里有{a}{unit}{item}，又放进去{b}{unit}，盒子里现在有多少{unit}{item}？",
-        ])
+        q = _pick(
+            rng,
+            [
+                f"{n}有{a}{unit}{item}，{m}又给了{n}{b}{unit}，现在{n}一共有多少{unit}{item}？",
+                f"{n}先买了{a}{unit}{item}，后来又买了{b}{unit}，{n}一共买了多少{unit}{item}？",
+                f"盒子里有{a}{unit}{item}，又放进去{b}{unit}，盒子里现在有多少{unit}{item}？",
+            ],
+        )
         steps = [f"原来有{a}{unit}{item}。", f"又增加了{b}{unit}，求一共有多少，要用加法。"]
     elif op == "-":
-        q = _pick(rng, [
-            f"{n}有{a}{unit}{item}，送给{m}{b}{unit}，{n}还剩多少{unit}{item}？",
-            f"{n}有{a}{unit}{item}，用掉了{b}{unit}，还剩下多少{unit}？",
-            f"盒子里有{a}{unit}{item}，拿走了{b}{unit}，盒子里还有多少{unit}{item}？",
-        ])
+        q = _pick(
+            rng,
+            [
+                f"{n}有{a}{unit}{item}，送给{m}{b}{unit}，{n}还剩多少{unit}{item}？",
+                f"{n}有{a}{unit}{item}，用掉了{b}{unit}，还剩下多少{unit}？",
+                f"盒子里有{a}{unit}{item}，拿走了{b}{unit}，盒子里还有多少{unit}{item}？",
+            ],
+        )
         steps = [f"原来有{a}{unit}{item}。", f"拿走了{b}{unit}，求还剩多少，要用减法。"]
     else:
-        q = _pick(rng, [
-            f"每个盒子里有{a}{unit}{item}，一共有{b}个盒子，一共有多少{unit}{item}？",
-            f"{n}每天吃{a}{unit}{item}，{b}天一共吃多少{unit}{item}？",
-            f"{b}个小朋友每人有{a}{unit}{item}，他们一共有多少{unit}{item}？",
-        ])
+        q = _pick(
+            rng,
+            [
+                f"每个盒子里有{a}{unit}{item}，一共有{b}个盒子，一共有多少{unit}{item}？",
+                f"{n}每天吃{a}{unit}{item}，{b}天一共吃多少{unit}{item}？",
+                f"{b}个小朋友每人有{a}{unit}{item}，他们一共有多少{unit}{item}？",
+            ],
+        )
         steps = [f"每份是{a}{unit}{item}。", f"一共有{b}份，求总数，要用乘法。"]
     steps += [f"{a} {op} {b} = {value}。", f"所以答案是{value}。"]
     return Problem(op, a, b, q, "\n".join(steps))
@@ -423,8 +692,7 @@ class _Gen:
         """A training wording of a question about `f` (never its held-out wording)."""
         pool = (EN_QUESTIONS if en else QUESTIONS)[f.kind]
         held = self.held[(f.id, "en" if en else "zh")]
-        return _fmt(_pick(self.rng, [t for t in pool if t != held]),
-                    f.en_topic if en else f.topic)
+        return _fmt(_pick(self.rng, [t for t in pool if t != held]), f.en_topic if en else f.topic)
 
     def eval_question(self, f: Fact, en: bool = False) -> str:
         return _fmt(self.held[(f.id, "en" if en else "zh")], f.en_topic if en else f.topic)
@@ -439,7 +707,7 @@ class _Gen:
         return self.question(f, en), self.answer(f, en), f
 
     def follow_up(self, prev: Fact) -> tuple[str, str, Fact]:
-        """"那X呢？" after a capital question: answerable only from the history."""
+        """ "那X呢？" after a capital question: answerable only from the history."""
         g = _pick(self.rng, [x for x in self.capitals if x != prev])
         return f"那{g.topic}呢？", answer_sentence(g), g
 
@@ -465,14 +733,17 @@ class _Gen:
         rng = self.rng
         r = rng.random()
         if r < 0.08:
-            body = _pick(rng, [
-                "SpongeBob 是一个乐于助人的人工智能助手。当有人问“你是谁”时，它会回答："
-                + _pick(rng, IDENTITY_ANSWERS),
-                "SpongeBob 是一个从零开始训练的小型语言模型。它能回答关于首都、地理、科学和"
-                "历史的常识问题，也会一步一步地做简单的算术题。",
-                "SpongeBob is a small AI assistant trained from scratch. "
-                + EN_IDENTITY_ANSWERS[0],
-            ])
+            body = _pick(
+                rng,
+                [
+                    "SpongeBob 是一个乐于助人的人工智能助手。当有人问“你是谁”时，它会回答："
+                    + _pick(rng, IDENTITY_ANSWERS),
+                    "SpongeBob 是一个从零开始训练的小型语言模型。它能回答关于首都、地理、科学和"
+                    "历史的常识问题，也会一步一步地做简单的算术题。",
+                    "SpongeBob is a small AI assistant trained from scratch. "
+                    + EN_IDENTITY_ANSWERS[0],
+                ],
+            )
             return {"text": f"<s>{body}</s>"}
         if r < 0.18:
             lines = []
@@ -487,8 +758,9 @@ class _Gen:
         chosen = rng.sample(pool, min(len(pool), rng.randint(3, 6)))
         english = [f for f in chosen if f.en_topic]
         if english and rng.random() < 0.2:
-            sents = [_fmt(_pick(rng, EN_ENCYCLOPEDIA[kind]), f.en_topic, f.en_answer)
-                     for f in english]
+            sents = [
+                _fmt(_pick(rng, EN_ENCYCLOPEDIA[kind]), f.en_topic, f.en_answer) for f in english
+            ]
             return {"text": f"<s>{EN_SECTION_TITLES[kind]}. " + " ".join(sents) + "</s>"}
         sents = [_fmt(_pick(rng, ENCYCLOPEDIA[kind]), f.topic, f.answer) for f in chosen]
         return {"text": f"<s>{_pick(rng, SECTION_TITLES[kind])}：" + "".join(sents) + "</s>"}
@@ -517,16 +789,23 @@ class _Gen:
             if rng.random() < 0.2:
                 names = ", ".join(f.en_topic for f in chosen)
                 lines = [f"{i}. {answer_sentence(f, en=True)}" for i, f in enumerate(chosen, 1)]
-                return (f"List the capitals of these countries: {names}.",
-                        "Here they are:\n" + "\n".join(lines))
+                return (
+                    f"List the capitals of these countries: {names}.",
+                    "Here they are:\n" + "\n".join(lines),
+                )
             q = "请依次说出这些国家的首都：" + "、".join(f.topic for f in chosen) + "。"
             lines = [f"{i}. {answer_sentence(f)}" for i, f in enumerate(chosen, 1)]
             return q, "好的，依次如下：\n" + "\n".join(lines) + "\n以上就是这些国家的首都。"
         pool = [f for f in FACTS if f.kind != "capital"] if kind == "thing" else list(FACTS)
         chosen = rng.sample(pool, rng.randint(12, 20))
-        q = _pick(rng, ["给我讲讲你知道的常识吧，越多越好。",
-                        "请列举一些地理、科学和历史方面的常识。",
-                        "我在准备知识竞赛，请帮我整理一份常识清单。"])
+        q = _pick(
+            rng,
+            [
+                "给我讲讲你知道的常识吧，越多越好。",
+                "请列举一些地理、科学和历史方面的常识。",
+                "我在准备知识竞赛，请帮我整理一份常识清单。",
+            ],
+        )
         lines = [f"{i}. {answer_sentence(f)}" for i, f in enumerate(chosen, 1)]
         return q, "当然可以，下面是一些常识：\n" + "\n".join(lines) + "\n希望这些对你有帮助！"
 
@@ -587,14 +866,29 @@ class _Gen:
         for q in IDENTITY_QUESTIONS[1] + EN_IDENTITY_QUESTIONS[1]:
             en = q.isascii()
             ref = EN_IDENTITY_ANSWERS[0] if en else IDENTITY_ANSWERS[0]
-            out.append({**_conv((q, ref)), "answer": IDENTITY_NAME, "task": "identity",
-                        "id": f"identity:{q}", "lang": "en" if en else "zh"})
+            out.append(
+                {
+                    **_conv((q, ref)),
+                    "answer": IDENTITY_NAME,
+                    "task": "identity",
+                    "id": f"identity:{q}",
+                    "lang": "en" if en else "zh",
+                }
+            )
         for i, (op, a, b) in enumerate(eval_pairs):
             en = i % 6 == 5
             p = _problem(op, a, b, self.rng, en=en)
             rec = _conv((p.question, reasoning(p.think, str(p.value))))
-            out.append({**rec, "answer": str(p.value), "task": "arith", "id": f"arith:{p.expr}",
-                        "expr": p.expr, "lang": "en" if en else "zh"})
+            out.append(
+                {
+                    **rec,
+                    "answer": str(p.value),
+                    "task": "arith",
+                    "id": f"arith:{p.expr}",
+                    "expr": p.expr,
+                    "lang": "en" if en else "zh",
+                }
+            )
         return out
 
 

@@ -2,7 +2,7 @@
 
 For every file (pretrain `{"text"}` or chat `{"conversations"}` jsonl, detected per line):
 
-* perplexity over the *trained* tokens only — exactly the tokens the loss trains (DESIGN §3):
+* perplexity over the *trained* tokens only — exactly the tokens the loss trains (contracts.md §2):
   a text's tokens after `<s>`, a conversation's assistant contents and their `</s>`. Scoring
   the prompt too would mix "how well it predicts users" into the number.
 * for chat lines that carry a reference `"answer"`: the conversation up to its last assistant
@@ -59,12 +59,14 @@ def read_records(path: Path, limit: int | None = None) -> Iterator[tuple[int, di
                 pass
             elif isinstance(rec.get("conversations"), list) and rec["conversations"]:
                 for m in rec["conversations"]:
-                    if not (isinstance(m, dict) and isinstance(m.get("content"), str)
-                            and m.get("role") in ("system", "user", "assistant")):
+                    if not (
+                        isinstance(m, dict)
+                        and isinstance(m.get("content"), str)
+                        and m.get("role") in ("system", "user", "assistant")
+                    ):
                         raise UserError(f"{path}:{line_no}: bad message {str(m)[:60]}")
             else:
-                raise UserError(f"{path}:{line_no}: neither a \"text\" nor a "
-                                "\"conversations\" record")
+                raise UserError(f'{path}:{line_no}: neither a "text" nor a "conversations" record')
             yield line_no, rec
             n += 1
             if limit is not None and n >= limit:
@@ -87,8 +89,7 @@ def _trained(tok, rec: dict) -> tuple[list[int], list[bool]] | None:
     return [int(i) for i in ids], [bool(w > 0) for w in weights]
 
 
-def perplexity(model, tok, records: list[dict], seq_len: int,
-               max_batch_tokens: int = 8192) -> dict:
+def perplexity(model, tok, records: list[dict], seq_len: int, max_batch_tokens: int = 8192) -> dict:
     """Mean negative log-likelihood over trained tokens → perplexity. A record longer than
     `seq_len + 1` tokens is cut there (and counted)."""
     import torch
@@ -113,8 +114,10 @@ def perplexity(model, tok, records: list[dict], seq_len: int,
             batch = [items[i]]
             width = len(items[i][0]) - 1
             i += 1
-            while i < len(items) and max(width, len(items[i][0]) - 1) * (len(batch) + 1) \
-                    <= max_batch_tokens:
+            while (
+                i < len(items)
+                and max(width, len(items[i][0]) - 1) * (len(batch) + 1) <= max_batch_tokens
+            ):
                 width = max(width, len(items[i][0]) - 1)
                 batch.append(items[i])
                 i += 1
@@ -127,14 +130,23 @@ def perplexity(model, tok, records: list[dict], seq_len: int,
                 tgt[~torch.tensor(mask[1:])] = -100
                 y[r, :n] = tgt
             logits = model(x.to(dev))  # causal; right padding never affects real tokens
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                   y.to(dev).reshape(-1), ignore_index=-100, reduction="sum")
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                y.to(dev).reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
             nll += float(loss)
             count += int((y != -100).sum())
     mean = nll / count if count else None  # None, not NaN: the JSON stays standard
     ppl = None if mean is None else (math.exp(mean) if mean < 700 else 1e300)
-    return {"records": len(items), "tokens": count, "truncated": truncated,
-            "loss": mean, "ppl": ppl}
+    return {
+        "records": len(items),
+        "tokens": count,
+        "truncated": truncated,
+        "loss": mean,
+        "ppl": ppl,
+    }
 
 
 def normalize(s: str) -> str:
@@ -181,8 +193,9 @@ def score_reply(reply: str, key: str, reference: str | None, reasoning: bool) ->
     return out
 
 
-def answer_accuracy(model, tok, records: list[tuple[int, dict]], cfg: SamplingConfig,
-                    batch_size: int = 16) -> dict:
+def answer_accuracy(
+    model, tok, records: list[tuple[int, dict]], cfg: SamplingConfig, batch_size: int = 16
+) -> dict:
     """Generate a reply for every record with an "answer" and score it."""
     from spongebob.generate import Generator
 
@@ -208,9 +221,15 @@ def answer_accuracy(model, tok, records: list[tuple[int, dict]], cfg: SamplingCo
     for k, (line_no, rec, _, reference) in enumerate(todo):
         reasoning = is_reasoning(rec)
         key = str(rec["answer"])
-        row = {"line": line_no, "task": str(rec.get("task", "all")), "answer": key,
-               "prompt": split_prompt(rec)[0][-1]["content"], "reply": replies[k],
-               "reasoning": reasoning, **score_reply(replies[k], key, reference, reasoning)}
+        row = {
+            "line": line_no,
+            "task": str(rec.get("task", "all")),
+            "answer": key,
+            "prompt": split_prompt(rec)[0][-1]["content"],
+            "reply": replies[k],
+            "reasoning": reasoning,
+            **score_reply(replies[k], key, reference, reasoning),
+        }
         rows.append(row)
     return {"summary": summarize(rows), "rows": rows}
 
@@ -219,22 +238,33 @@ def summarize(rows: list[dict]) -> dict:
     def agg(rs: list[dict]) -> dict:
         n = len(rs)
         reasoning = [r for r in rs if r["reasoning"]]
-        out = {"n": n,
-               "exact": sum(r["exact"] for r in rs) / n if n else None,
-               "contains": sum(r["contains"] for r in rs) / n if n else None,
-               "reasoning_n": len(reasoning),
-               "well_formed": (sum(r["well_formed"] for r in reasoning) / len(reasoning)
-                               if reasoning else None)}
+        out = {
+            "n": n,
+            "exact": sum(r["exact"] for r in rs) / n if n else None,
+            "contains": sum(r["contains"] for r in rs) / n if n else None,
+            "reasoning_n": len(reasoning),
+            "well_formed": (
+                sum(r["well_formed"] for r in reasoning) / len(reasoning) if reasoning else None
+            ),
+        }
         return out
 
     tasks = sorted({r["task"] for r in rows})
-    return {"all": agg(rows), "by_task": {t: agg([r for r in rows if r["task"] == t])
-                                          for t in tasks}}
+    return {
+        "all": agg(rows),
+        "by_task": {t: agg([r for r in rows if r["task"] == t]) for t in tasks},
+    }
 
 
-def evaluate(model, tok, paths: list[Path], cfg: SamplingConfig | None = None,
-             seq_len: int | None = None, limit: int | None = None,
-             batch_size: int = 16) -> dict:
+def evaluate(
+    model,
+    tok,
+    paths: list[Path],
+    cfg: SamplingConfig | None = None,
+    seq_len: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+) -> dict:
     """The whole evaluation as a dict (what `spongebob eval` prints and writes)."""
     cfg = cfg or SamplingConfig(max_new_tokens=256, temperature=0.0)
     seq_len = seq_len or min(model.config.max_seq_len - 1, 1024)
@@ -242,8 +272,9 @@ def evaluate(model, tok, paths: list[Path], cfg: SamplingConfig | None = None,
     for path in paths:
         t0 = time.perf_counter()
         records = list(read_records(Path(path), limit))
-        entry: dict[str, Any] = {"perplexity": perplexity(model, tok, [r for _, r in records],
-                                                          seq_len)}
+        entry: dict[str, Any] = {
+            "perplexity": perplexity(model, tok, [r for _, r in records], seq_len)
+        }
         if any("answer" in r and "conversations" in r for _, r in records):
             entry["answers"] = answer_accuracy(model, tok, records, cfg, batch_size)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
@@ -253,11 +284,14 @@ def evaluate(model, tok, paths: list[Path], cfg: SamplingConfig | None = None,
 
 def format_table(result: dict) -> str:
     """A plain-text table: one line per file and, under it, one per task."""
+
     def pct(x: float | None) -> str:
         return "—" if x is None else f"{100 * x:5.1f}%"
 
-    head = f"{'file / task':<32} {'tokens':>8} {'ppl':>9} {'n':>5} {'exact':>7} " \
-           f"{'contains':>8} {'format':>7}"
+    head = (
+        f"{'file / task':<32} {'tokens':>8} {'ppl':>9} {'n':>5} {'exact':>7} "
+        f"{'contains':>8} {'format':>7}"
+    )
     lines = [head, "-" * len(head)]
     for path, e in result["files"].items():
         ppl = e["perplexity"]
@@ -267,14 +301,20 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{name[:32]:<32} {ppl['tokens']:>8} "
             + f"{_fmt_ppl(ppl['ppl']):>9} "
-            + (f"{s['n']:>5} {pct(s['exact']):>7} {pct(s['contains']):>8} "
-               f"{pct(s['well_formed']):>7}" if s else f"{'':>5} {'—':>7} {'—':>8} {'—':>7}")
+            + (
+                f"{s['n']:>5} {pct(s['exact']):>7} {pct(s['contains']):>8} "
+                f"{pct(s['well_formed']):>7}"
+                if s
+                else f"{'':>5} {'—':>7} {'—':>8} {'—':>7}"
+            )
         )
         if a and len(a["by_task"]) > 1:
             for task, t in a["by_task"].items():
-                lines.append(f"{'  ' + task:<32} {'':>8} {'':>9} {t['n']:>5} "
-                             f"{pct(t['exact']):>7} {pct(t['contains']):>8} "
-                             f"{pct(t['well_formed']):>7}")
+                lines.append(
+                    f"{'  ' + task:<32} {'':>8} {'':>9} {t['n']:>5} "
+                    f"{pct(t['exact']):>7} {pct(t['contains']):>8} "
+                    f"{pct(t['well_formed']):>7}"
+                )
     return "\n".join(lines)
 
 
@@ -292,14 +332,26 @@ def add_commands(sub) -> None:
     from spongebob.chat import add_sampling_args
 
     p = sub.add_parser("eval", help="perplexity, answer accuracy and reasoning format")
-    p.add_argument("--ckpt", required=True, type=Path, metavar="PATH",
-                   help="run folder, stage folder, checkpoint dir or file, or exported HF dir")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="run folder, stage folder, checkpoint dir or file, or exported HF dir",
+    )
     p.add_argument("--data", required=True, nargs="+", type=Path, metavar="FILE")
-    p.add_argument("--out", type=Path, metavar="FILE",
-                   help="JSON results (default: eval.json in the checkpoint dir)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="JSON results (default: eval.json in the checkpoint dir)",
+    )
     p.add_argument("--limit", type=int, metavar="N", help="only the first N records per file")
-    p.add_argument("--seq-len", type=int, help="cut longer records for perplexity "
-                   "(default: min(1024, model context))")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        help="cut longer records for perplexity (default: min(1024, model context))",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     add_sampling_args(p, greedy=True)
     p.add_argument("--tokenizer", type=Path, metavar="DIR")

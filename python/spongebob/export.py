@@ -1,6 +1,6 @@
 """`spongebob export hf`: a checkpoint as a Hugging Face `LlamaForCausalLM` folder.
 
-The model is LLaMA to the letter (DESIGN §5: pre-norm RMSNorm, `rotate_half` RoPE, SwiGLU,
+The model is LLaMA to the letter (contracts.md §4: pre-norm RMSNorm, `rotate_half` RoPE, SwiGLU,
 GQA, no biases, tied embeddings), so export is a rename plus the files `transformers` reads:
 
 * `config.json` — LlamaConfig fields (rope theta written both as `rope_theta`, read by
@@ -60,8 +60,12 @@ def tokenizer_config(tok_dir: Path) -> dict:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{path}: unreadable ({e})") from None
     cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    for key, token in (("bos_token", "<s>"), ("eos_token", "</s>"), ("pad_token", "<unk>"),
-                       ("unk_token", "<unk>")):
+    for key, token in (
+        ("bos_token", "<s>"),
+        ("eos_token", "</s>"),
+        ("pad_token", "<unk>"),
+        ("unk_token", "<unk>"),
+    ):
         cfg.setdefault(key, token)
     cfg.setdefault("add_bos_token", False)
     cfg.setdefault("add_eos_token", False)
@@ -71,8 +75,13 @@ def tokenizer_config(tok_dir: Path) -> dict:
     return cfg
 
 
-def export_hf(ckpt: Path | str, out: Path | str, dtype: str = "float32",
-              tokenizer: Path | str | None = None, force: bool = False) -> Path:
+def export_hf(
+    ckpt: Path | str,
+    out: Path | str,
+    dtype: str = "float32",
+    tokenizer: Path | str | None = None,
+    force: bool = False,
+) -> Path:
     """Write the HF folder for `ckpt` into `out` (atomically: a temp dir, then a rename)."""
     import torch
     from safetensors.torch import save_file
@@ -98,16 +107,24 @@ def export_hf(ckpt: Path | str, out: Path | str, dtype: str = "float32",
         }
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config(model.config, tok, dtype))
-        _write_json(tmp / "generation_config.json", {
-            "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
-            "do_sample": True, "temperature": 0.85, "top_p": 0.85,
-        })
+        _write_json(
+            tmp / "generation_config.json",
+            {
+                "bos_token_id": tok.bos_id,
+                "eos_token_id": tok.eos_id,
+                "pad_token_id": tok.pad_id,
+                "do_sample": True,
+                "temperature": 0.85,
+                "top_p": 0.85,
+            },
+        )
         shutil.copyfile(tok.path, tmp / "tokenizer.json")
         tcfg = tokenizer_config(tok_dir)
         _write_json(tmp / "tokenizer_config.json", tcfg)
-        _write_json(tmp / "special_tokens_map.json", {
-            k: tcfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
-        })
+        _write_json(
+            tmp / "special_tokens_map.json",
+            {k: tcfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
+        )
         (tmp / "README.md").write_text(_readme(meta, model), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
@@ -127,8 +144,8 @@ def _readme(meta: dict, model) -> str:
 
     return f"""# SpongeBob model (LlamaForCausalLM)
 
-Exported by `spongebob export hf` from `{meta.get('path')}` (stage {meta.get('stage', '?')},
-step {meta.get('step', '?')}); {format_params(model.num_parameters())} parameters.
+Exported by `spongebob export hf` from `{meta.get("path")}` (stage {meta.get("stage", "?")},
+step {meta.get("step", "?")}); {format_params(model.num_parameters())} parameters.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -149,8 +166,13 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint (Hugging Face transformers format)")
     esub = p.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
     h = esub.add_parser("hf", help="a LlamaForCausalLM folder: config, safetensors, tokenizer")
-    h.add_argument("--ckpt", required=True, type=Path, metavar="PATH",
-                   help="run folder, stage folder or checkpoint dir")
+    h.add_argument(
+        "--ckpt",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="run folder, stage folder or checkpoint dir",
+    )
     h.add_argument("--out", required=True, type=Path, metavar="DIR")
     h.add_argument("--dtype", choices=DTYPES, default="float32")
     h.add_argument("--tokenizer", type=Path, metavar="DIR")

@@ -43,7 +43,7 @@ REPLACEMENT = "\ufffd"
 
 
 def pick_device(device: str = "auto") -> str:
-    """"auto" → "cuda" when a GPU is visible, else "cpu"."""
+    """ "auto" → "cuda" when a GPU is visible, else "cpu"."""
     import torch
 
     if device == "auto":
@@ -135,7 +135,7 @@ def load_for_inference(
         ckpt_dir = checkpoint.resolve_checkpoint(path)
         meta = _read_json(ckpt_dir / "config.json")
         if not isinstance(meta.get("model"), dict):
-            raise UserError(f"{ckpt_dir / 'config.json'}: no \"model\" section")
+            raise UserError(f'{ckpt_dir / "config.json"}: no "model" section')
         try:
             cfg = ModelConfig.from_dict(meta["model"])
         except TypeError as e:
@@ -418,8 +418,12 @@ class Generator:
             valid[:, L + step] = True
             step_mask = valid[:, None, None, : L + step + 1] if padded else None
             with torch.inference_mode():
-                logits = self.model(tok[:, None], position_ids=next_pos[:, None],
-                                    kv_cache=cache, attn_mask=step_mask)[:, -1]
+                logits = self.model(
+                    tok[:, None],
+                    position_ids=next_pos[:, None],
+                    kv_cache=cache,
+                    attn_mask=step_mask,
+                )[:, -1]
             next_pos += 1
         results = []
         for i in range(B):

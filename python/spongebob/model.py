@@ -1,4 +1,4 @@
-"""The SpongeBob model: a LLaMA-style decoder (DESIGN §5).
+"""The SpongeBob model: a LLaMA-style decoder (contracts.md §4).
 
 Pre-norm RMSNorm, RoPE in Hugging Face's `rotate_half` layout, SwiGLU, grouped-query attention,
 no biases, tied input/output embeddings. Module names are LLaMA's (`embed_tokens`,
@@ -283,7 +283,7 @@ class AttentionMask:
 
 
 class SpongeBob(nn.Module):
-    """The decoder. `forward` gives fp32 logits; `loss` the DESIGN §3 loss without logits."""
+    """The decoder. `forward` gives fp32 logits; `loss` the contracts.md §2 loss without logits."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -442,7 +442,7 @@ class SpongeBob(nn.Module):
     def loss(
         self, batch: dict[str, torch.Tensor], normalizer: torch.Tensor | float
     ) -> torch.Tensor:
-        """Σ wᵢ·ceᵢ / normalizer over a loader batch (DESIGN §3), logits never materialized
+        """Σ wᵢ·ceᵢ / normalizer over a loader batch (contracts.md §2), logits never materialized
         in the Triton path. `normalizer` is Σ mᵢ over the whole optimizer step."""
         if not torch.is_tensor(normalizer):
             normalizer = torch.tensor(float(normalizer))

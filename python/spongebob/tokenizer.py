@@ -1,4 +1,4 @@
-"""Train, describe and save the byte-level BPE tokenizer (DESIGN §3).
+"""Train, describe and save the byte-level BPE tokenizer (contracts.md §2).
 
 Two trainers, one result format (a standard `tokenizer.json`):
 

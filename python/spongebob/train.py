@@ -4,7 +4,7 @@ The loop, in the order it happens each optimizer step:
 
 1. Fetch all `accum` micro-batches of the step from the loader first, count their trained
    tokens (labels ≠ −100) and all-reduce the count over ranks: that is the normalizer Σ mᵢ of
-   DESIGN §3, known before any backward pass. Accumulation 4 × B/4 and 2 ranks × B/2 therefore
+   contracts.md §2, known before any backward pass. Accumulation 4 × B/4 and 2 ranks × B/2 therefore
    give the same update as one batch of B.
 2. A step whose micro-batches hold no trained token at all is skipped (counted, no NaN).
 3. Forward/backward each micro-batch (bf16 autocast on CUDA, fp32 on CPU), with DDP gradient

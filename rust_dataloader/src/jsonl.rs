@@ -1,4 +1,4 @@
-//! Streaming jsonl records (DESIGN §2). One line at a time, never a whole file in memory.
+//! Streaming jsonl records (contracts.md §1). One line at a time, never a whole file in memory.
 //!
 //! A line is read as bytes, checked for UTF-8, parsed by serde into a typed record and
 //! normalised: pretrain text loses one leading `<s>` and one trailing `</s>`; a conversation

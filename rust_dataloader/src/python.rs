@@ -91,7 +91,7 @@ impl ChatTokenizer {
         Ok(self.core.decode(&ids, skip_special_tokens)?)
     }
 
-    /// `(ids int32, weights float32)` of a training conversation (DESIGN §3).
+    /// `(ids int32, weights float32)` of a training conversation (contracts.md §2).
     #[pyo3(signature = (messages, think_weight = 1.0))]
     fn encode_conversation<'py>(
         &self,

@@ -1,4 +1,4 @@
-//! The chat template and its loss mask, built by construction (DESIGN §3).
+//! The chat template and its loss mask, built by construction (contracts.md §2).
 //!
 //! A conversation is rendered turn by turn as
 //!

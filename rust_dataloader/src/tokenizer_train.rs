@@ -861,7 +861,7 @@ pub fn train_bounded(paths: &[PathBuf], cfg: &TrainConfig) -> Result<TrainOutput
         cfg.num_threads
     };
     stats.threads = threads;
-    // An owned pool: rayon's global pool hangs in forked children (FIELD_NOTES).
+    // An owned pool: rayon's global pool hangs in forked children (rayon #708).
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("spongebob-bpe-{i}"))

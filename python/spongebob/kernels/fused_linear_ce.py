@@ -6,8 +6,8 @@ Same contract as `reference.linear_cross_entropy`:
     loss = Σᵢ wᵢ · ceᵢ / normalizer,   ceᵢ = logsumexp(hᵢ Wᵀ) − (hᵢ Wᵀ)[labelᵢ]
 
 with labels −100 ignored (their rows give loss 0 and gradient 0), per-token weights wᵢ
-(DESIGN §3: the reasoning tags weigh more) and a normalizer that is a 0-dim tensor (Σ mᵢ over the
-whole optimizer step), used on the device so there is no host sync.
+(contracts.md §2: the reasoning tags weigh more) and a normalizer that is a 0-dim
+tensor (Σ mᵢ over the whole optimizer step), used on the device so there is no host sync.
 
 How (the Liger-Kernel scheme, written for this project):
 
@@ -260,7 +260,7 @@ def linear_cross_entropy(
     normalizer: torch.Tensor,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Σ wᵢ·ceᵢ / normalizer over rows (DESIGN §3), logits = hidden @ weightᵀ, CE in fp32.
+    """Σ wᵢ·ceᵢ / normalizer over rows (contracts.md §2), logits = hidden @ weightᵀ, CE in fp32.
 
     hidden [N, C], weight [V, C] (tied embedding), labels [N] int64 (−100 = ignored),
     loss_weights [N] float32, normalizer a 0-dim tensor (keep it > 0: like the reference, 0

@@ -55,7 +55,7 @@ def linear_cross_entropy(
     loss_weights: torch.Tensor,
     normalizer: torch.Tensor,
 ) -> torch.Tensor:
-    """Σ wᵢ·ceᵢ / normalizer over rows (DESIGN §3), logits = hidden @ weightᵀ in fp32.
+    """Σ wᵢ·ceᵢ / normalizer over rows (contracts.md §2), logits = hidden @ weightᵀ in fp32.
 
     hidden [N, C], weight [V, C], labels [N] (−100 = ignored), loss_weights [N] float32,
     normalizer a scalar tensor (Σ mᵢ over the whole optimizer step; no host sync needed).
