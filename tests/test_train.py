@@ -7,7 +7,6 @@ losses) use `FakePacked` from tests/test_train_helpers.py, which has the same in
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -21,12 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spongebob.checkpoint import latest_checkpoint, list_step_checkpoints, load_model
+from spongebob import checkpoint
+from spongebob.checkpoint import latest_checkpoint, list_step_checkpoints
 from spongebob.cli import build_parser
 from spongebob.cli import main as cli_main
 from spongebob.config import stage_config
 from spongebob.errors import UserError
-from spongebob.train import TrainingDiverged, config_from_args, lr_at, train
+from spongebob.step import lr_at
+from spongebob.train import TrainingDiverged, config_from_args, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_helpers import FakePacked, write_lines
@@ -92,6 +93,36 @@ def small_args(stage: str, data: Path, out: Path, tok_dir: Path | None, *extra: 
 
 def cli_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "spongebob", "train", *args]
+
+
+# Runs `spongebob train` with a fault injected from outside the product: the process blocks
+# forever at a chosen point of a chosen step so that the test can SIGKILL it there.
+HANG = """
+import sys, time
+import spongebob.checkpoint as ck
+where, step = sys.argv[1], int(sys.argv[2])
+real_save, real_prune = ck.save_file, ck.prune_checkpoints
+def hang():
+    while True:
+        time.sleep(1)
+def save_file(tensors, path, metadata=None):
+    real_save(tensors, path, metadata=metadata)
+    if where == "in-save" and f"step_{step:08d}" in path:
+        hang()
+def prune_checkpoints(root, keep):
+    out = real_prune(root, keep)
+    last = ck.list_step_checkpoints(root)
+    if where == "after-save" and last and last[-1][0] == step:
+        hang()
+    return out
+ck.save_file, ck.prune_checkpoints = save_file, prune_checkpoints
+from spongebob.cli import main
+raise SystemExit(main(["train", *sys.argv[3:]]))
+"""
+
+
+def hanging_cli_cmd(where: str, step: int, *args: str) -> list[str]:
+    return [sys.executable, "-c", HANG, where, str(step), *args]
 
 
 def run_env(**extra) -> dict:
@@ -235,8 +266,9 @@ def test_missing_data_file_is_a_user_error(tmp_path, tok_dir):
 def test_accumulated_gradient_of_4_quarter_batches_equals_the_full_batch_gradient(data, tok_dir):
     from spongebob.data import PackedDataset
     from spongebob.model import ModelConfig, SpongeBob
+    from spongebob.runtime import Runtime
+    from spongebob.step import forward_backward
     from spongebob.tokenizer import load
-    from spongebob.train import Dist, forward_backward
 
     tok = load(tok_dir)
     full = next(iter(PackedDataset([data], tok, seq_len=32, batch_size=8)))
@@ -253,10 +285,10 @@ def test_accumulated_gradient_of_4_quarter_batches_equals_the_full_batch_gradien
                 n_heads=4,
                 n_kv_heads=2,
                 ffn_dim=128,
-                kernels="torch",
-            )
+            ),
+            kernels="torch",
         )
-        loss = forward_backward(model, batches, n, "cpu", contextlib.nullcontext, Dist())
+        loss = forward_backward(model, batches, n, Runtime(torch.device("cpu"), torch.float32))
         grads.append((loss, {k: p.grad.clone() for k, p in model.named_parameters()}))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=0)
     for k, g in grads[0][1].items():
@@ -340,7 +372,8 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint
     good = latest_checkpoint(tmp_path / "r" / "pretrain")
     assert good is not None and good.name == "step_00000002"
     assert str(good) in str(e.value)
-    model, meta = load_model(good)
+    loaded = checkpoint.load(good)
+    model, meta = loaded.model, loaded.meta
     assert meta["step"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not (tmp_path / "r" / "pretrain" / "final").exists()
@@ -374,9 +407,10 @@ def test_resume_after_sigkill_gives_bitwise_identical_weights(tmp_path, data, to
     extra = ("--accum", "2", "--max-steps", "11", "--save-every", "3")
     run_cli(cli_cmd(*small_args("pretrain", data, tmp_path / "a", tok_dir, *extra)))
 
-    args = cli_cmd(*small_args("pretrain", data, tmp_path / "b", tok_dir, *extra))
-    env = run_env(SPONGEBOB_TEST_HANG_AFTER_SAVE="6")
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = hanging_cli_cmd(
+        "after-save", 6, *small_args("pretrain", data, tmp_path / "b", tok_dir, *extra)
+    )
+    proc = subprocess.Popen(args, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt6 = tmp_path / "b" / "pretrain" / "checkpoints" / "step_00000006"
     _wait_for(lambda: ckpt6.is_dir() or proc.poll() is not None, proc)
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -409,9 +443,10 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadabl
     tmp_path, data, tok_dir
 ):
     extra = ("--max-steps", "6", "--save-every", "2")
-    args = cli_cmd(*small_args("pretrain", data, tmp_path / "r", tok_dir, *extra))
-    env = run_env(SPONGEBOB_TEST_HANG_IN_SAVE="4")
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = hanging_cli_cmd(
+        "in-save", 4, *small_args("pretrain", data, tmp_path / "r", tok_dir, *extra)
+    )
+    proc = subprocess.Popen(args, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     root = tmp_path / "r" / "pretrain" / "checkpoints"
 
     def half_written():
@@ -425,7 +460,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadabl
     proc.stderr.close()
     assert list(root.glob(".tmp-*")), "the half-written checkpoint should still be there"
     assert [s for s, _ in list_step_checkpoints(root)] == [2]
-    _, meta = load_model(tmp_path / "r" / "pretrain")
+    meta = checkpoint.load(tmp_path / "r" / "pretrain").meta
     assert meta["step"] == 2 and meta["path"].endswith("step_00000002")
 
     resumed = run_cli(
@@ -475,12 +510,11 @@ def test_four_stages_chain_through_the_cli_each_starting_from_the_previous_final
         assert meta["train"]["kind"] == "chat"
         finals.append(run / stage / "final")
     assert meta["train"]["think_weight"] == 10.0 and meta["train"]["lr"] == 1e-6
-    # load_model: run folder → the latest stage's final; a stage folder; a checkpoint dir.
+    # checkpoint.load: run folder → the latest stage's final; a stage folder; a checkpoint dir.
     for path in (run, run / "distill", finals[-1]):
-        _, m = load_model(path)
-        assert m["path"] == str(finals[-1])
-    model, m = load_model(run / "pretrain")
-    assert m["stage"] == "pretrain" and not model.training
+        assert checkpoint.load(path).meta["path"] == str(finals[-1])
+    loaded = checkpoint.load(run / "pretrain")
+    assert loaded.meta["stage"] == "pretrain" and not loaded.model.training
     # The tokenizer travelled with every checkpoint.
     tok_json = (tok_dir / "tokenizer.json").read_bytes()
     assert all((f / "tokenizer.json").read_bytes() == tok_json for f in finals)
@@ -498,7 +532,7 @@ def test_a_later_stage_without_an_earlier_checkpoint_asks_for_init(tmp_path, dat
         train(small("sft", data, tmp_path / "run", tok_dir))
 
 
-def test_eval_data_and_val_split_log_validation_loss(tmp_path, data, tok_dir):
+def test_eval_data_logs_validation_loss_perplexity_and_bits_per_byte(tmp_path, data, tok_dir):
     held = write_lines(tmp_path / "held.jsonl", 10, seed=9)
     r = train(small("pretrain", data, tmp_path / "a", tok_dir, eval_data=[str(held)], eval_every=2))
     rec = records(tmp_path / "a")
@@ -506,13 +540,53 @@ def test_eval_data_and_val_split_log_validation_loss(tmp_path, data, tok_dir):
     assert [x["step"] for x in evals] == [2, 4]
     assert evals[-1]["eval_loss"] == pytest.approx(r.eval_loss)
     assert evals[-1]["eval_ppl"] == pytest.approx(torch.tensor(r.eval_loss).exp().item(), rel=1e-5)
+    assert evals[-1]["eval_bpb"] > 0  # its exact value: tests/test_evaluate.py
 
-    r2 = train(small("pretrain", data, tmp_path / "b", tok_dir, val_split=0.2))
-    assert r2.eval_loss is not None and r2.eval_loss > 0
-    (split,) = (tmp_path / "b" / "pretrain" / "val_split").iterdir()  # one folder per split
-    n_val = len((split / "val.jsonl").read_text().splitlines())
-    n_train = len((split / "train.jsonl").read_text().splitlines())
-    assert n_val + n_train == 40 and 0 < n_val < 20
+
+def test_val_split_writes_no_copy_of_the_data_and_validates_on_held_out_documents(
+    tmp_path, data, tok_dir
+):
+    cache = tmp_path / "cache"
+    r = train(
+        small("pretrain", data, tmp_path / "b", tok_dir, val_split=0.25, cache_dir=str(cache))
+    )
+    assert r.eval_loss is not None and r.eval_loss > 0
+    written = [p for p in tmp_path.rglob("*.jsonl") if p.name != "metrics.jsonl"]
+    assert written == [data], written  # no train.jsonl / val.jsonl copies anywhere
+    # The resume state and the fingerprint know the split: a run with another split is refused.
+    meta = json.loads((r.final / "config.json").read_text())
+    assert meta["train"]["val_split"] == 0.25
+
+
+def test_training_validation_equals_spongebob_eval_on_the_same_file_and_checkpoint(
+    tmp_path, data, tok_dir
+):
+    from spongebob.evaluate import perplexity
+
+    held = tmp_path / "held.jsonl"
+    with open(held, "w") as f:
+        for i in range(12):
+            reply = f"<think>\n{i} + {i} = {2 * i}\n</think>\n<answer>\n{2 * i}\n</answer>"
+            msgs = [{"role": "user", "content": f"{i} + {i} = ?"}]
+            msgs.append({"role": "assistant", "content": reply})
+            f.write(json.dumps({"conversations": msgs}) + "\n")
+    r = train(
+        small(
+            "distill", held, tmp_path / "d", tok_dir, init="none", eval_data=[str(held)],
+            eval_batches=0, seq_len=64,
+        )
+    )  # fmt: skip
+    assert r.eval_loss is not None
+    final = [x for x in records(tmp_path / "d", "distill") if "eval_loss" in x][-1]
+    loaded = checkpoint.load(r.final)
+    got = perplexity(loaded.model, loaded.tokenizer, held, seq_len=64)
+    assert got["loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
+    assert got["ppl"] == pytest.approx(final["eval_ppl"], rel=1e-6)
+    assert got["bpb"] == pytest.approx(final["eval_bpb"], rel=1e-6)
+    assert got["tokens"] == final["eval_tokens"]
+    # think_weight (10 in distill) weighs the training loss, never the reported perplexity.
+    meta = json.loads((r.final / "config.json").read_text())
+    assert meta["train"]["think_weight"] == 10.0
 
 
 def test_metrics_jsonl_is_always_written_and_wandb_works_offline(

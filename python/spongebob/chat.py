@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from spongebob.errors import UserError
@@ -229,8 +229,19 @@ def add_commands(sub) -> None:
         metavar="DIR",
         help="tokenizer dir (default: the one stored with the checkpoint)",
     )
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    add_runtime_args(p)
     p.set_defaults(func=_cmd_chat)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Where the model runs (chat, eval): a runtime choice, never read from the checkpoint."""
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="op set: auto (default; Triton on CUDA, PyTorch elsewhere), torch or triton",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, greedy: bool = False) -> None:
@@ -293,9 +304,11 @@ def _cmd_chat(args) -> int:
     prompts = _read_prompts(args)  # before loading: a bad flag fails fast
     cfg = sampling_from_args(args)
     session = ChatSession(None, args.mode, args.history, args.system)
-    from spongebob.generate import Generator, load_for_inference
+    from spongebob import checkpoint
+    from spongebob.generate import Generator
 
-    model, tok, meta = load_for_inference(args.ckpt, args.device, args.tokenizer)
+    loaded = checkpoint.load(args.ckpt, args.device, tokenizer=args.tokenizer, kernels=args.kernels)
+    model, tok, meta = loaded.model, loaded.tokenizer, loaded.meta
     session.tok = tok
     gen = Generator(model, tok)
     if prompts is None:
@@ -314,9 +327,7 @@ def _cmd_chat(args) -> int:
     return 0
 
 
-def repl(
-    session: ChatSession, gen, cfg: SamplingConfig, meta: dict, lines: Iterable[str] | None = None
-) -> int:
+def repl(session: ChatSession, gen, cfg: SamplingConfig, meta: dict) -> int:
     """The interactive loop. Ctrl-C during a reply stops it; at the prompt it quits."""
     try:
         import readline  # noqa: F401  (line editing and history for input())

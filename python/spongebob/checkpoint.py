@@ -1,4 +1,5 @@
-"""Checkpoints: atomic save, keep-last-K, resume state, and `load_model` for every consumer.
+"""Checkpoints: the one save (atomic, keep-last-K, resume state) and the one `load` for every
+consumer (training init and resume, chat, eval, export, the demo), exported HF folders included.
 
 Layout of a run folder `OUT/`:
 
@@ -8,8 +9,8 @@ Layout of a run folder `OUT/`:
 
 A checkpoint directory holds
 
-* `model.safetensors` — the model's state_dict (the tied embedding stored once; LLaMA names,
-  see `spongebob.model.HF_NAME_TABLE`),
+* `model.safetensors` — the model's state_dict (the tied embedding stored once; LLaMA's
+  names without the `model.` prefix),
 * `config.json` — {"model": asdict(ModelConfig), "stage", "step", "train": asdict(TrainConfig),
   ...},
 * `tokenizer.json`, `tokenizer_config.json` — so a checkpoint is self-contained,
@@ -27,15 +28,20 @@ import json
 import os
 import re
 import shutil
-import time
 import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from spongebob.config import STAGE_ORDER
 from spongebob.errors import UserError
+
+if TYPE_CHECKING:
+    from spongebob.data import ChatTokenizer
+    from spongebob.model import SpongeBob
 
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -64,13 +70,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _test_hang(var: str, step: int) -> None:
-    """Testing hook: block forever at a chosen point so a test can SIGKILL us there."""
-    if os.environ.get(var) == str(step):
-        while True:
-            time.sleep(1)
-
-
 def save_checkpoint(
     path: Path,
     model: torch.nn.Module,
@@ -86,7 +85,6 @@ def save_checkpoint(
     try:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _test_hang("SPONGEBOB_TEST_HANG_IN_SAVE", int(meta.get("step", -1)))
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
@@ -183,36 +181,138 @@ def resolve_checkpoint(path: Path | str) -> Path:
 
 
 def read_meta(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "config.json").read_text())
+    return _read_json(Path(ckpt) / "config.json")
 
 
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    state = load_file(str(Path(ckpt) / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"{ckpt}: weights do not fit the model (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]})"
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_weights(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: corrupt or unreadable safetensors file ({msg})") from None
+
+
+def _hf_model_config(hf: dict, path: Path):
+    """Our ModelConfig from a LlamaForCausalLM config.json (an exported folder)."""
+    from spongebob.model import ModelConfig
+
+    try:
+        rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 1e6)
+        if not hf.get("tie_word_embeddings", False):
+            raise UserError(f"{path}: untied input/output embeddings are not supported")
+        return ModelConfig(
+            vocab_size=int(hf["vocab_size"]),
+            dim=int(hf["hidden_size"]),
+            n_layers=int(hf["num_hidden_layers"]),
+            n_heads=int(hf["num_attention_heads"]),
+            n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+            ffn_dim=int(hf["intermediate_size"]),
+            rope_theta=float(rope),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            max_seq_len=int(hf.get("max_position_embeddings", 32768)),
         )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not a LLaMA config this model can load ({e})") from None
 
 
-def load_model(path: Path | str, device: str | torch.device = "cpu", **config_overrides):
-    """(model, meta) from a run folder, stage folder or checkpoint dir; model in eval mode.
+@dataclass
+class Loaded:
+    """What `load` returns: the model (eval mode, on the device), its tokenizer, and the
+    checkpoint's config.json plus "path" (the resolved checkpoint dir) and "format"."""
 
-    `meta` is the checkpoint's config.json plus "path" (the resolved checkpoint dir).
-    `config_overrides` replace ModelConfig fields that do not change the weights' shapes,
-    e.g. kernels="torch".
+    model: SpongeBob
+    tokenizer: ChatTokenizer
+    meta: dict
+
+    @property
+    def path(self) -> Path:
+        return Path(self.meta["path"])
+
+
+def load(
+    path: Path | str,
+    device: str | torch.device = "cpu",
+    *,
+    tokenizer: Path | str | None = None,
+    kernels: str = "auto",
+    attention: str = "auto",
+    max_seq_len: int | None = None,
+) -> Loaded:
+    """The one loader of weights, for training init and resume, chat, eval, export and the demo.
+
+    `path`: a run folder (its latest stage's final checkpoint), a stage folder (its final, else
+    its newest step checkpoint), a checkpoint directory, a `model.safetensors` inside one, or an
+    exported Hugging Face folder. `tokenizer` overrides the tokenizer stored with the weights;
+    its vocab must equal the model's. `kernels` and `attention` are runtime choices (never read
+    from the checkpoint), so a model trained with Triton runs on a CPU. `max_seq_len` enlarges
+    the RoPE tables (it does not change the weights). Every way this can fail is a one-line
+    UserError.
     """
     from spongebob.model import ModelConfig, SpongeBob
+    from spongebob.runtime import resolve_device
+    from spongebob.tokenizer import load as load_tokenizer
 
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    cfg = ModelConfig.from_dict({**meta["model"], **config_overrides})
-    model = SpongeBob(cfg)
-    load_weights(model, ckpt)
-    model.to(device).eval()
+    p = Path(path)
+    if p.is_file() and p.suffix == ".safetensors":
+        p = p.parent
+    if not p.exists():
+        raise UserError(f"{p}: no such checkpoint, stage or run folder")
+    cfg_path = p / "config.json"
+    hf = _read_json(cfg_path) if cfg_path.is_file() else {}
+    if "model" not in hf and hf.get("model_type") == "llama":
+        cfg = _hf_model_config(hf, cfg_path)
+        state = _read_weights(p / "model.safetensors")
+        state = {k.removeprefix("model."): v for k, v in state.items() if k != "lm_head.weight"}
+        meta: dict = {"format": "hf", "model": asdict(cfg)}
+        ckpt = p
+    else:
+        ckpt = resolve_checkpoint(p)
+        meta = read_meta(ckpt)
+        if not isinstance(meta.get("model"), dict):
+            raise UserError(f'{ckpt / "config.json"}: no "model" section')
+        try:
+            cfg = ModelConfig.from_dict(meta["model"])
+        except TypeError as e:
+            raise UserError(f"{ckpt / 'config.json'}: bad model config ({e})") from None
+        state = _read_weights(ckpt / "model.safetensors")
+        meta.setdefault("format", "spongebob")
     meta["path"] = str(ckpt)
-    return model, meta
+    if max_seq_len is not None and max_seq_len > cfg.max_seq_len:
+        cfg.max_seq_len = max_seq_len
+    try:
+        cfg.validate()
+        model = SpongeBob(cfg, kernels=kernels, attention=attention)
+        model.load_state_dict(state, strict=True)
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()
+        raise UserError(
+            f"{ckpt}: weights do not fit the configured model ({' '.join(first[:2])})"
+        ) from None
+    dev = resolve_device(device) if isinstance(device, str) else device
+    model.to(dev).eval()
+
+    tok_dir = Path(tokenizer) if tokenizer is not None else ckpt
+    if tokenizer is None and not (tok_dir / "tokenizer.json").is_file():
+        raise UserError(f"{ckpt}: no tokenizer.json; pass --tokenizer DIR")
+    tok = load_tokenizer(tok_dir)
+    if tok.vocab_size != cfg.vocab_size:
+        raise UserError(
+            f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model in {ckpt} "
+            f"was trained with {cfg.vocab_size}: they do not belong together"
+        )
+    return Loaded(model, tok, meta)
 
 
 def load_train_state(ckpt: Path) -> dict:

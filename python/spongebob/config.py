@@ -4,11 +4,18 @@ A stage is data, not a script: `STAGES` holds what differs between pretraining, 
 reasoning distillation (data kind, sequence length, epochs, batch, accumulation, learning rate,
 think weight, which stage it starts from). `stage_config(stage, **overrides)` turns a preset plus
 the user's flags into one `TrainConfig`, which is stored in every checkpoint.
+
+Every `TrainConfig` field is declared once, with its type, default and help; the command line
+(`add_config_args`) is derived from those declarations, so a new field is a new flag and the
+help always shows the default a run would really use (the stage preset's where it has one).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+import argparse
+import types
+import typing
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 
 from spongebob.errors import UserError
 
@@ -54,68 +61,100 @@ STAGES: dict[str, StagePreset] = {
 }  # fmt: skip
 
 
+def opt(default, help: str, *, flag: str | None = None, metavar: str | None = None) -> Field:
+    """A TrainConfig field with its command-line help (and, rarely, its own flag name)."""
+    meta = {"help": help, "flag": flag, "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Fields whose default comes from the stage preset (StagePreset has a field of the same name).
+PRESET_FIELDS = ("kind", "seq_len", "epochs", "batch_size", "accum", "lr", "think_weight")
+
+
 @dataclass
 class TrainConfig:
     """Everything one `spongebob train <stage>` run needs. Defaults come from the stage preset."""
 
-    stage: str
-    data: list[str]
-    out: str
-    tokenizer: str | None = None  # defaults to the init/resume checkpoint's tokenizer
+    stage: str = opt("pretrain", "the stage (a subcommand on the command line)")
+    data: list[str] = opt([], "training jsonl file(s)", metavar="FILE")
+    out: str = opt("", "run folder; the stage writes OUT/<stage>/", metavar="DIR")
+    tokenizer: str | None = opt(
+        None, "tokenizer folder (default: the init checkpoint's)", metavar="DIR"
+    )
     # data
-    kind: str = "text"
-    seq_len: int = 512
-    think_weight: float = 1.0
-    cache_dir: str | None = None
-    on_bad_line: str = "error"
+    kind: str = opt("text", "data kind: text (pretraining documents) or chat (conversations)")
+    seq_len: int = opt(512, "tokens per row")
+    think_weight: float = opt(1.0, "loss weight of reasoning-tag tokens in assistant content")
+    cache_dir: str | None = opt(
+        None, "token cache folder (default: a temporary one)", metavar="DIR"
+    )
+    on_bad_line: str = opt("error", "bad jsonl lines: error, or skip and count them")
     # optimisation
-    epochs: int = 1
-    max_steps: int | None = None  # overrides the epoch-derived number of optimizer steps
-    batch_size: int = 84  # sequences per micro-batch per rank
-    accum: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr × this (MiniMind decays to lr/10)
-    warmup: int = 0  # linear warm-up steps
-    weight_decay: float = 0.1  # on matrices only, never on norms
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
+    epochs: int = opt(1, "epochs")
+    max_steps: int | None = opt(None, "optimizer steps (default: from the epochs)")
+    batch_size: int = opt(84, "sequences per micro-batch per process")
+    accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(5e-4, "peak learning rate")
+    min_lr_ratio: float = opt(
+        0.1, "final lr as a fraction of --lr (cosine; MiniMind decays to lr/10)"
+    )
+    warmup: int = opt(0, "linear warm-up steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay, on matrices only (never on norms)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "gradient-norm clip")
+    max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row")
     # model
-    preset: str = "spongebob"
-    init: str | None = None  # a checkpoint path, "none", or None = the previous stage's final
-    kernels: str = "auto"
-    attention: str = "auto"
-    # runtime
-    device: str = "auto"
-    dtype: str = "auto"  # auto | bf16 | fp32 (fp16 is refused: it needs a scaler)
-    compile: bool = False
-    seed: int = 42
+    preset: str = opt("spongebob", "model preset for a fresh model (see spongebob.model.PRESETS)")
+    init: str | None = opt(
+        None,
+        "checkpoint, stage or run folder to start from; 'none' = random weights "
+        "(default: the previous stage's final in --out)",
+        metavar="CKPT",
+    )
+    # runtime (never part of the model's config: contracts.md §4)
+    kernels: str = opt("auto", "op set: auto (Triton on CUDA), torch or triton")
+    attention: str = opt("auto", "packed-row attention: auto (FlexAttention on CUDA), sdpa or flex")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
+    compile: bool = opt(False, "torch.compile the model")
+    seed: int = opt(42, "seed of the initialisation, the data order and the validation split")
     # checkpoints
-    save_every: int = 500
-    keep: int = 3  # step checkpoints kept (0 = all); `final/` is always kept
-    resume: bool = False
-    # eval
-    eval_data: list[str] = field(default_factory=list)
-    eval_every: int = 0  # 0 = only at the end (when there is eval data)
-    eval_batches: int = 100  # cap on eval batches per rank (0 = the whole eval set)
-    val_split: float = 0.0
+    save_every: int = opt(500, "checkpoint every N optimizer steps")
+    keep: int = opt(3, "step checkpoints to keep, 0 = all (final/ is always kept)")
+    resume: bool = opt(False, "continue the run in --out exactly where it stopped")
+    # evaluation
+    eval_data: list[str] = opt([], "held-out jsonl file(s) for validation", metavar="FILE")
+    eval_every: int = opt(0, "validate every N steps (0 = only at the end)")
+    eval_batches: int = opt(100, "max validation batches per process, 0 = all")
+    val_split: float = opt(0.0, "hold out this fraction of the training documents for validation")
     # logging
-    log_every: int = 10
-    wandb: bool = False
-    wandb_project: str = "spongebob"
-    wandb_run: str | None = None
-    progress: bool = True
+    log_every: int = opt(10, "metrics every N steps")
+    wandb: bool = opt(False, "log to Weights & Biases (WANDB_MODE=offline works)")
+    wandb_project: str = opt("spongebob", "wandb project")
+    wandb_run: str | None = opt(None, "wandb run name (default: <out>-<stage>)")
+    progress: bool = opt(True, "show a progress bar", flag="--no-progress")
 
     def validate(self) -> None:
         if self.stage not in STAGES:
             raise UserError(f"unknown stage {self.stage!r}; choose from {', '.join(STAGES)}")
-        if self.kind not in ("text", "chat"):
-            raise UserError(f"data kind must be text or chat, not {self.kind!r}")
+        choices = {
+            "kind": ("text", "chat"),
+            "kernels": ("auto", "torch", "triton"),
+            "attention": ("auto", "sdpa", "flex"),
+            "on_bad_line": ("error", "skip"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(
+                    f"--{_dash(name)} must be {' or '.join(allowed)}, not {getattr(self, name)!r}"
+                )
         positive = ("seq_len", "epochs", "batch_size", "accum", "save_every", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+                raise UserError(f"--{_dash(name)} must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError("--max-steps must be at least 1")
         if self.lr <= 0:
@@ -129,10 +168,6 @@ class TrainConfig:
         if self.dtype not in ("auto", "bf16", "fp32"):
             hint = " (fp16 would need a loss scaler; use bf16)" if self.dtype == "fp16" else ""
             raise UserError(f"--dtype must be auto, bf16 or fp32, not {self.dtype!r}{hint}")
-        if self.kernels not in ("auto", "torch", "triton"):
-            raise UserError(f"--kernels must be auto, torch or triton, not {self.kernels!r}")
-        if self.on_bad_line not in ("error", "skip"):
-            raise UserError(f"--on-bad-line must be error or skip, not {self.on_bad_line!r}")
         if not self.data:
             raise UserError("no training data: pass --data FILE...")
 
@@ -150,18 +185,7 @@ def stage_config(stage: str, **overrides) -> TrainConfig:
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
     p = STAGES[stage]
-    base = TrainConfig(
-        stage=stage,
-        data=[],
-        out="",
-        kind=p.kind,
-        seq_len=p.seq_len,
-        think_weight=p.think_weight,
-        epochs=p.epochs,
-        batch_size=p.batch_size,
-        accum=p.accum,
-        lr=p.lr,
-    )
+    base = TrainConfig(stage=stage, **{name: getattr(p, name) for name in PRESET_FIELDS})
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(overrides) - known
     if unknown:
@@ -169,3 +193,68 @@ def stage_config(stage: str, **overrides) -> TrainConfig:
     cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     cfg.validate()
     return cfg
+
+
+# --- the command line, derived from the fields ------------------------------------------------
+
+
+def _dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_type(f: Field) -> tuple[type, bool]:
+    """(element type, is a list) of a field's annotation, e.g. `list[str]` → (str, True)."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = args[0]
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def add_config_args(parser: argparse.ArgumentParser, stage: str) -> None:
+    """One flag per TrainConfig field (but `stage`, the subcommand). Every flag defaults to
+    None, so `stage_config` keeps the preset's value for what the user did not set."""
+    preset = STAGES[stage]
+    for f in fields(TrainConfig):
+        if f.name == "stage":
+            continue
+        typ, is_list = _field_type(f)
+        default = getattr(preset, f.name) if f.name in PRESET_FIELDS else f.default
+        if f.name == "init" and preset.init_from is None:
+            help_text = "checkpoint, stage or run folder to start from (default: random weights)"
+        elif f.name == "init":
+            help_text = f.metadata["help"].replace(
+                "the previous stage's", f"the {preset.init_from}"
+            )
+        else:
+            help_text = f.metadata["help"]
+        kw: dict = {"default": None, "dest": f.name}
+        if typ is bool:
+            flag = f.metadata.get("flag") or f"--{_dash(f.name)}"
+            negative = flag.startswith("--no-")
+            kw["action"] = "store_false" if negative else "store_true"
+            parser.add_argument(
+                flag, help=f"turn off: {help_text}" if negative else help_text, **kw
+            )
+            continue
+        if is_list:
+            kw["nargs"] = "+"
+        elif f.default is not MISSING and default not in (None, "", []):
+            help_text += (
+                f" (default {default:g})"
+                if isinstance(default, float)
+                else (f" (default {default})")
+            )
+        if f.name in ("data", "out"):
+            kw["required"] = True
+        kw["type"] = typ
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
+        parser.add_argument(f"--{_dash(f.name)}", help=help_text, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = [f.name for f in fields(TrainConfig) if f.name != "stage"]
+    return stage_config(args.stage, **{n: getattr(args, n, None) for n in names})

@@ -159,7 +159,7 @@ def run_demo(out: Path, plan_name: str = "full", seed: int = 0) -> dict:
     import torch
 
     from spongebob import demo_data
-    from spongebob.checkpoint import load_model
+    from spongebob import checkpoint
     from spongebob.config import stage_config
     from spongebob.tokenizer import load as load_tokenizer
     from spongebob.tokenizer import train_tokenizer
@@ -223,8 +223,8 @@ def run_demo(out: Path, plan_name: str = "full", seed: int = 0) -> dict:
         stage_dir = run / stage
         recs = [r for r in _metrics(stage_dir) if r.get("loss") is not None]
         toks = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
-        model, meta = load_model(result.final, device="cpu")
-        model.eval()
+        loaded = checkpoint.load(result.final, "cpu", kernels="torch")
+        model, meta = loaded.model, loaded.meta
         if stage == "pretrain":
             pretrained = model
         s = _score(model, tok, files["eval"], plan)

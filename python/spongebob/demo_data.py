@@ -44,14 +44,6 @@ class Fact:
     en_topic: str = ""
     en_answer: str = ""
 
-    @property
-    def key(self) -> str:
-        return self.answer
-
-    @property
-    def en_key(self) -> str:
-        return self.en_answer
-
 
 _CAPITALS = [
     ("中国", "北京", "China", "Beijing"),

@@ -1,10 +1,12 @@
 """`spongebob eval`: perplexity, answer accuracy and reasoning format of a checkpoint.
 
-For every file (pretrain `{"text"}` or chat `{"conversations"}` jsonl, detected per line):
+For every file (pretrain `{"text"}` or chat `{"conversations"}` jsonl, detected per file):
 
-* perplexity over the *trained* tokens only — exactly the tokens the loss trains (contracts.md §2):
-  a text's tokens after `<s>`, a conversation's assistant contents and their `</s>`. Scoring
-  the prompt too would mix "how well it predicts users" into the number.
+* the one evaluation of contracts.md §6, also run by training-time validation: the file is read
+  by the training loader, and the unweighted cross-entropy of exactly the tokens the loss
+  trains (a text's tokens after `<s>`, a conversation's assistant contents and their `</s>`)
+  gives loss, perplexity and bits per byte. Scoring the prompt too would mix "how well it
+  predicts users" into the number; bits per byte compares models with different tokenizers.
 * for chat lines that carry a reference `"answer"`: the conversation up to its last assistant
   turn is the prompt, the model answers greedily, and we count
   - exact: the reply (its `<answer>` part for reasoning prompts), stripped of surrounding
@@ -26,10 +28,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spongebob.errors import UserError
 from spongebob.generate import SamplingConfig, parse_reasoning
+
+if TYPE_CHECKING:
+    import torch
+
+    from spongebob.runtime import Runtime
 
 PUNCT = " \t\r\n。．.，,！!？?；;：:、\"'“”‘’「」《》()（）"
 
@@ -48,7 +55,8 @@ def read_records(path: Path, limit: int | None = None) -> Iterator[tuple[int, di
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                text = raw.decode("utf-8")
+                rec = json.loads(text.removeprefix("\ufeff") if line_no == 1 else text)
             except UnicodeDecodeError:
                 raise UserError(f"{path}:{line_no}: invalid UTF-8") from None
             except json.JSONDecodeError as e:
@@ -78,75 +86,118 @@ def read_records(path: Path, limit: int | None = None) -> Iterator[tuple[int, di
 # --- scoring -------------------------------------------------------------------------------
 
 
-def _trained(tok, rec: dict) -> tuple[list[int], list[bool]] | None:
-    """Token ids and, per token, whether predicting it is trained; None if nothing is."""
-    if "text" in rec:
-        ids = [int(i) for i in tok.encode_document(rec["text"])]
-        return ids, [False] + [True] * (len(ids) - 1)
-    if not any(m["role"] == "assistant" for m in rec["conversations"]):
-        return None
-    ids, weights = tok.encode_conversation(rec["conversations"], think_weight=1.0)
-    return [int(i) for i in ids], [bool(w > 0) for w in weights]
+def token_byte_lengths(tok) -> torch.Tensor:
+    """UTF-8 bytes of each token id's text (int64 [vocab]); special tokens count 0.
 
-
-def perplexity(model, tok, records: list[dict], seq_len: int, max_batch_tokens: int = 8192) -> dict:
-    """Mean negative log-likelihood over trained tokens → perplexity. A record longer than
-    `seq_len + 1` tokens is cut there (and counted)."""
+    Byte-level BPE stores every token as a string over GPT-2's 256-character byte alphabet, so a
+    token's byte length is the length of that string once mapped back to bytes.
+    """
     import torch
-    import torch.nn.functional as F
 
-    items, truncated = [], 0
-    for rec in records:
-        enc = _trained(tok, rec)
-        if enc is None:
+    tok_json = json.loads(Path(tok.path).read_text(encoding="utf-8"))
+    added = {int(t["id"]) for t in tok_json.get("added_tokens", [])}
+    alphabet = _byte_alphabet()
+    out = torch.zeros(tok.vocab_size, dtype=torch.int64)
+    for i in range(tok.vocab_size):
+        piece = tok.id_to_token(i)
+        if piece is None or i in added:
             continue
-        ids, mask = enc
-        if len(ids) > seq_len + 1:
-            ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
-            truncated += 1
-        if len(ids) >= 2 and any(mask[1:]):
-            items.append((ids, mask))
-    dev = next(model.parameters()).device
-    nll, count = 0.0, 0
-    i = 0
-    with torch.inference_mode():
-        while i < len(items):
-            batch = [items[i]]
-            width = len(items[i][0]) - 1
-            i += 1
-            while (
-                i < len(items)
-                and max(width, len(items[i][0]) - 1) * (len(batch) + 1) <= max_batch_tokens
-            ):
-                width = max(width, len(items[i][0]) - 1)
-                batch.append(items[i])
-                i += 1
-            x = torch.zeros(len(batch), width, dtype=torch.long)
-            y = torch.full((len(batch), width), -100, dtype=torch.long)
-            for r, (ids, mask) in enumerate(batch):
-                n = len(ids) - 1
-                x[r, :n] = torch.tensor(ids[:-1])
-                tgt = torch.tensor(ids[1:])
-                tgt[~torch.tensor(mask[1:])] = -100
-                y[r, :n] = tgt
-            logits = model(x.to(dev))  # causal; right padding never affects real tokens
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(),
-                y.to(dev).reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            nll += float(loss)
-            count += int((y != -100).sum())
-    mean = nll / count if count else None  # None, not NaN: the JSON stays standard
-    ppl = None if mean is None else (math.exp(mean) if mean < 700 else 1e300)
+        out[i] = sum(1 if ch in alphabet else len(ch.encode("utf-8")) for ch in piece)
+    return out
+
+
+def _byte_alphabet() -> set[str]:
+    """The 256 characters GPT-2's byte-level encoding maps the bytes to."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = [b for b in range(256) if b not in keep]
+    return {chr(c) for c in keep} | {chr(256 + n) for n in range(len(extra))}
+
+
+def score_batches(
+    model, batches, rt: Runtime, token_bytes: torch.Tensor, max_batches: int = 0
+) -> dict:
+    """The one evaluation (contracts.md §6) over loader batches, summed over all ranks:
+    unweighted token cross-entropy of the trained tokens, its perplexity, and bits per byte.
+    `loss_weights` are ignored (a think_weight never changes a reported perplexity)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    ce = torch.zeros((), dtype=torch.float64, device=rt.device)
+    counts = torch.zeros(2, dtype=torch.float64, device=rt.device)  # tokens, bytes
+    one = torch.ones((), dtype=torch.float32, device=rt.device)
+    nbytes = token_bytes.to(rt.device)
+    n = 0
+    with torch.no_grad():
+        for batch in batches:
+            b = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+            mask = b["labels"] != -100
+            with rt.autocast():
+                loss = model(
+                    b["input_ids"],
+                    b["position_ids"],
+                    labels=b["labels"],
+                    loss_weights=mask.to(torch.float32),
+                    normalizer=one,
+                )
+            ce += loss.double()
+            counts[0] += mask.sum()
+            counts[1] += nbytes[b["labels"].clamp_min(0)][mask].sum()
+            n += 1
+            if max_batches and n >= max_batches:
+                break
+    rt.all_reduce_sum(ce)
+    rt.all_reduce_sum(counts)
+    model.train(was_training)
+    tokens, n_bytes = int(counts[0]), int(counts[1])
+    loss_v = ce.item() / tokens if tokens else None  # None, not NaN: the JSON stays standard
     return {
-        "records": len(items),
-        "tokens": count,
-        "truncated": truncated,
-        "loss": mean,
-        "ppl": ppl,
+        "loss": loss_v,
+        "ppl": None if loss_v is None else math.exp(min(loss_v, 700.0)),
+        "bpb": ce.item() / (math.log(2) * n_bytes) if n_bytes else None,
+        "tokens": tokens,
+        "bytes": n_bytes,
     }
+
+
+def perplexity(
+    model,
+    tok,
+    path: Path,
+    seq_len: int,
+    kind: str | None = None,
+    batch_size: int = 8,
+    rt: Runtime | None = None,
+) -> dict:
+    """`score_batches` over one jsonl file, read by the training loader (the same rows,
+    truncation and mask as training-time validation of that file: seed 0, think weight 1).
+    Lines that are not trainable records (a prompt without a reply) are skipped and counted."""
+    from spongebob.data import PackedDataset
+    from spongebob.data_cmd import detect_kind
+
+    rt = rt or _runtime_of(model)
+    kind = kind or detect_kind(Path(path))
+    ds = PackedDataset(
+        [path], tok, kind=kind, seq_len=seq_len, batch_size=batch_size, seed=0,
+        on_bad_line="skip", rank=rt.rank, world_size=rt.world_size,
+    )  # fmt: skip
+    stats = ds.stats()
+    out = score_batches(model, ds, rt, token_byte_lengths(tok))
+    out.update(
+        kind=kind,
+        records=int(stats.get("documents", 0)),
+        truncated=int(stats.get("truncated", 0)),
+        skipped=dict(stats.get("skipped") or {}),
+    )
+    return out
+
+
+def _runtime_of(model) -> Runtime:
+    """A single-process Runtime on the model's device, in the model's parameter dtype."""
+    from spongebob.runtime import Runtime
+
+    p = next(model.parameters())
+    return Runtime(p.device, p.dtype)
 
 
 def normalize(s: str) -> str:
@@ -265,16 +316,15 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 16,
 ) -> dict:
-    """The whole evaluation as a dict (what `spongebob eval` prints and writes)."""
+    """The whole evaluation as a dict (what `spongebob eval` prints and writes). Perplexity
+    covers each whole file; `limit` caps the answer records generated for."""
     cfg = cfg or SamplingConfig(max_new_tokens=256, temperature=0.0)
     seq_len = seq_len or min(model.config.max_seq_len - 1, 1024)
     result: dict[str, Any] = {"files": {}}
     for path in paths:
         t0 = time.perf_counter()
         records = list(read_records(Path(path), limit))
-        entry: dict[str, Any] = {
-            "perplexity": perplexity(model, tok, [r for _, r in records], seq_len)
-        }
+        entry: dict[str, Any] = {"perplexity": perplexity(model, tok, Path(path), seq_len)}
         if any("answer" in r and "conversations" in r for _, r in records):
             entry["answers"] = answer_accuracy(model, tok, records, cfg, batch_size)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
@@ -289,7 +339,7 @@ def format_table(result: dict) -> str:
         return "—" if x is None else f"{100 * x:5.1f}%"
 
     head = (
-        f"{'file / task':<32} {'tokens':>8} {'ppl':>9} {'n':>5} {'exact':>7} "
+        f"{'file / task':<32} {'tokens':>8} {'ppl':>9} {'bpb':>6} {'n':>5} {'exact':>7} "
         f"{'contains':>8} {'format':>7}"
     )
     lines = [head, "-" * len(head)]
@@ -301,6 +351,7 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{name[:32]:<32} {ppl['tokens']:>8} "
             + f"{_fmt_ppl(ppl['ppl']):>9} "
+            + (f"{ppl['bpb']:>6.3f} " if ppl.get("bpb") is not None else f"{'—':>6} ")
             + (
                 f"{s['n']:>5} {pct(s['exact']):>7} {pct(s['contains']):>8} "
                 f"{pct(s['well_formed']):>7}"
@@ -311,7 +362,7 @@ def format_table(result: dict) -> str:
         if a and len(a["by_task"]) > 1:
             for task, t in a["by_task"].items():
                 lines.append(
-                    f"{'  ' + task:<32} {'':>8} {'':>9} {t['n']:>5} "
+                    f"{'  ' + task:<32} {'':>8} {'':>9} {'':>6} {t['n']:>5} "
                     f"{pct(t['exact']):>7} {pct(t['contains']):>8} "
                     f"{pct(t['well_formed']):>7}"
                 )
@@ -329,7 +380,7 @@ def _fmt_ppl(x: float | None) -> str:
 
 def add_commands(sub) -> None:
     """`spongebob eval`."""
-    from spongebob.chat import add_sampling_args
+    from spongebob.chat import add_runtime_args, add_sampling_args
 
     p = sub.add_parser("eval", help="perplexity, answer accuracy and reasoning format")
     p.add_argument(
@@ -346,22 +397,24 @@ def add_commands(sub) -> None:
         metavar="FILE",
         help="JSON results (default: eval.json in the checkpoint dir)",
     )
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N records per file")
+    p.add_argument(
+        "--limit", type=int, metavar="N", help="generate for the first N answer records per file"
+    )
     p.add_argument(
         "--seq-len",
         type=int,
-        help="cut longer records for perplexity (default: min(1024, model context))",
+        help="row length for perplexity, as in training (default: min(1024, model context))",
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     add_sampling_args(p, greedy=True)
     p.add_argument("--tokenizer", type=Path, metavar="DIR")
-    p.add_argument("--device", default="auto")
+    add_runtime_args(p)
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
+    from spongebob import checkpoint
     from spongebob.chat import sampling_from_args
-    from spongebob.generate import load_for_inference
 
     for path in args.data:
         if not Path(path).is_file():
@@ -369,7 +422,8 @@ def _cmd_eval(args) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be at least 1")
     cfg = sampling_from_args(args)
-    model, tok, meta = load_for_inference(args.ckpt, args.device, args.tokenizer)
+    loaded = checkpoint.load(args.ckpt, args.device, tokenizer=args.tokenizer, kernels=args.kernels)
+    model, tok, meta = loaded.model, loaded.tokenizer, loaded.meta
     result = evaluate(model, tok, args.data, cfg, args.seq_len, args.limit, args.batch_size)
     result["ckpt"] = meta["path"]
     result["sampling"] = {k: v for k, v in vars(cfg).items() if k != "stop_ids"}

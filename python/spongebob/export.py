@@ -86,7 +86,7 @@ def export_hf(
     import torch
     from safetensors.torch import save_file
 
-    from spongebob.generate import load_for_inference
+    from spongebob import checkpoint
     from spongebob.model import hf_state_dict
 
     if dtype not in DTYPES:
@@ -94,7 +94,8 @@ def export_hf(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out}: exists and is not empty (pass --force to replace it)")
-    model, tok, meta = load_for_inference(ckpt, "cpu", tokenizer)
+    loaded = checkpoint.load(ckpt, "cpu", tokenizer=tokenizer, kernels="torch")
+    model, tok, meta = loaded.model, loaded.tokenizer, loaded.meta
     tok_dir = Path(tok.path).parent
 
     tmp = out.parent / f".tmp-export-{out.name}"

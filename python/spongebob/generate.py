@@ -14,20 +14,16 @@ tokens whose logit is negative (dividing −2 by 1.3 raises it). Here
   sequence (byte-level BPE splits a Chinese character or an emoji over several tokens), so a
   terminal never shows half a character.
 
-`load_for_inference` is the one loader behind chat, eval and export: it takes a run folder, a
-stage folder, a checkpoint directory, a checkpoint's `model.safetensors`, or an exported
-Hugging Face folder, and turns every way that can fail into a one-line `UserError`.
+Models come from `spongebob.checkpoint.load`, the one loader of weights.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from collections.abc import Generator as Generator_
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from spongebob.errors import UserError
 
@@ -37,135 +33,6 @@ if TYPE_CHECKING:
     from spongebob.data import ChatTokenizer
 
 REPLACEMENT = "\ufffd"
-
-
-# --- loading -------------------------------------------------------------------------------
-
-
-def pick_device(device: str = "auto") -> str:
-    """ "auto" → "cuda" when a GPU is visible, else "cpu"."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}, but CUDA is not available here")
-    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
-        raise UserError(f"unknown --device {device!r} (auto, cpu, cuda, cuda:N)")
-    return device
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
-
-
-def _hf_to_model_config(hf: dict, path: Path):
-    """Our ModelConfig from a LlamaForCausalLM config.json (an exported folder)."""
-    from spongebob.model import ModelConfig
-
-    try:
-        rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 1e6)
-        if not hf.get("tie_word_embeddings", False):
-            raise UserError(f"{path}: untied input/output embeddings are not supported")
-        return ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            dim=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]),
-            n_heads=int(hf["num_attention_heads"]),
-            n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-            ffn_dim=int(hf["intermediate_size"]),
-            rope_theta=float(rope),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            max_seq_len=int(hf.get("max_position_embeddings", 32768)),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: not a LLaMA config this model can load ({e})") from None
-
-
-def _load_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: corrupt or unreadable safetensors file ({msg})") from None
-
-
-def load_for_inference(
-    ckpt: Path | str,
-    device: str = "auto",
-    tokenizer: Path | str | None = None,
-    **config_overrides: Any,
-) -> tuple[torch.nn.Module, ChatTokenizer, dict]:
-    """(model in eval mode, tokenizer, meta) for generation and scoring.
-
-    `ckpt`: a run folder (its latest stage's final checkpoint), a stage folder, a checkpoint
-    directory, a `model.safetensors` file inside one, or an exported HF folder. `tokenizer`
-    overrides the tokenizer stored with the checkpoint. The tokenizer's vocab must equal the
-    model's: a mismatch would index past the embedding or silently decode garbage.
-    """
-    path = Path(ckpt)
-    if path.is_file() and path.suffix == ".safetensors":
-        path = path.parent
-    if not path.exists():  # before importing torch: a typo fails at once
-        raise UserError(f"{path}: no such checkpoint, stage or run folder")
-    from spongebob import checkpoint
-    from spongebob.model import ModelConfig, SpongeBob
-    from spongebob.tokenizer import load as load_tokenizer
-
-    device = pick_device(device)
-    cfg_path = path / "config.json"
-    hf = _read_json(cfg_path) if cfg_path.is_file() else {}
-    if "model" not in hf and hf.get("model_type") == "llama":
-        cfg = _hf_to_model_config(hf, cfg_path)
-        state = _load_safetensors(path / "model.safetensors")
-        state = {k.removeprefix("model."): v for k, v in state.items() if k != "lm_head.weight"}
-        meta: dict = {"path": str(path), "format": "hf", "model": cfg.__dict__.copy()}
-        ckpt_dir = path
-    else:
-        ckpt_dir = checkpoint.resolve_checkpoint(path)
-        meta = _read_json(ckpt_dir / "config.json")
-        if not isinstance(meta.get("model"), dict):
-            raise UserError(f'{ckpt_dir / "config.json"}: no "model" section')
-        try:
-            cfg = ModelConfig.from_dict(meta["model"])
-        except TypeError as e:
-            raise UserError(f"{ckpt_dir / 'config.json'}: bad model config ({e})") from None
-        state = _load_safetensors(ckpt_dir / "model.safetensors")
-        meta["path"] = str(ckpt_dir)
-        meta.setdefault("format", "spongebob")
-    for k, v in config_overrides.items():
-        setattr(cfg, k, v)
-    try:
-        cfg.validate()
-        model = SpongeBob(cfg)
-        model.load_state_dict(state, strict=True)
-    except (ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()
-        raise UserError(
-            f"{ckpt_dir}: weights do not fit the configured model ({' '.join(first[:2])})"
-        ) from None
-    model.to(device).eval()
-
-    tok_dir = Path(tokenizer) if tokenizer is not None else ckpt_dir
-    if tokenizer is None and not (tok_dir / "tokenizer.json").is_file():
-        raise UserError(f"{ckpt_dir}: no tokenizer.json; pass --tokenizer DIR")
-    tok = load_tokenizer(tok_dir)
-    if tok.vocab_size != cfg.vocab_size:
-        raise UserError(
-            f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model in {ckpt_dir} "
-            f"was trained with {cfg.vocab_size}: they do not belong together"
-        )
-    return model, tok, meta
 
 
 # --- sampling ------------------------------------------------------------------------------

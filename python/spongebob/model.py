@@ -17,7 +17,10 @@ Attention has three modes, picked by the arguments of `forward`:
   combined with causality.
 
 The ops that have Triton versions (RMSNorm, RoPE, fused linear + cross-entropy) come from
-`spongebob.kernels.get_ops(config.kernels, device)`.
+`spongebob.kernels.get_ops(kernels, device)`. Which kernels and which attention backend run are
+runtime choices of the model object (`SpongeBob(config, kernels=..., attention=...)`, or
+`set_runtime` later), never part of `ModelConfig`: a checkpoint trained with Triton on a GPU
+loads and runs on a CPU (contracts.md §4).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from torch import nn
 from spongebob.kernels import get_ops
 from spongebob.kernels.reference import rope_cache
 
+KERNELS = ("auto", "torch", "triton")
+ATTENTION = ("auto", "sdpa", "flex")
+
 
 @dataclass
 class ModelConfig:
@@ -48,8 +54,6 @@ class ModelConfig:
     rope_theta: float = 1e6
     norm_eps: float = 1e-5
     max_seq_len: int = 32768  # size of the RoPE tables (MiniMind's max_position_embeddings)
-    kernels: str = "auto"  # torch | triton | auto (Triton on CUDA)
-    attention: str = "auto"  # sdpa | flex | auto (flex on CUDA for packed training rows)
 
     @property
     def head_dim(self) -> int:
@@ -64,14 +68,11 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
-        if self.kernels not in ("torch", "triton", "auto"):
-            raise ValueError(f"kernels must be torch, triton or auto, not {self.kernels!r}")
-        if self.attention not in ("sdpa", "flex", "auto"):
-            raise ValueError(f"attention must be sdpa, flex or auto, not {self.attention!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        """Build from a checkpoint's "model" dict, ignoring keys a newer version may add."""
+        """Build from a checkpoint's "model" dict, ignoring keys it does not know (runtime
+        switches that older checkpoints stored, or fields a newer version may add)."""
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -124,13 +125,6 @@ class KVCache:
         self.batch_size = batch_size
         self.max_len = max_len
         self.length = 0
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def crop(self, length: int) -> None:
-        """Forget everything after `length` tokens (e.g. to rewind a conversation)."""
-        self.length = min(self.length, length)
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -285,10 +279,13 @@ class AttentionMask:
 class SpongeBob(nn.Module):
     """The decoder. `forward` gives fp32 logits; `loss` the contracts.md §2 loss without logits."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, kernels: str = "auto", attention: str = "auto") -> None:
         super().__init__()
         config.validate()
         self.config = config
+        self.kernels = "auto"
+        self.attention = "auto"
+        self.set_runtime(kernels, attention)
         self.ops = get_ops("torch")  # replaced by _select_ops once the device is known
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i, self.ops) for i in range(config.n_layers))
@@ -326,11 +323,26 @@ class SpongeBob(nn.Module):
         self._select_ops()
         return out
 
+    def set_runtime(self, kernels: str | None = None, attention: str | None = None) -> SpongeBob:
+        """Choose the op set (torch | triton | auto = Triton on CUDA) and the attention backend
+        for packed rows (sdpa | flex | auto = FlexAttention on CUDA). Weights are untouched."""
+        if kernels is not None:
+            if kernels not in KERNELS:
+                raise ValueError(f"kernels must be {', '.join(KERNELS)}, not {kernels!r}")
+            self.kernels = kernels
+        if attention is not None:
+            if attention not in ATTENTION:
+                raise ValueError(f"attention must be {', '.join(ATTENTION)}, not {attention!r}")
+            self.attention = attention
+        if hasattr(self, "embed_tokens"):
+            self._select_ops()
+        return self
+
     def _select_ops(self) -> None:
         device = self.embed_tokens.weight.device
         if device.type == "meta":
             return
-        ops = get_ops(self.config.kernels, str(device))
+        ops = get_ops(self.kernels, str(device))
         self.ops = ops
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention)):
@@ -339,6 +351,15 @@ class SpongeBob(nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (the tied output projection counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), docs/architecture.md "MFU":
+        6 · N (every weight, the tied output layer included, does a multiply-add forward and
+        two backward) + 12 · layers · dim · seq_len for the attention scores and their use
+        (causal attention over a full row; packed documents attend less, so MFU is an upper
+        bound there)."""
+        c = self.config
+        return 6.0 * self.num_parameters() + 12.0 * c.n_layers * c.dim * seq_len
 
     # -- forward --
 
@@ -355,8 +376,8 @@ class SpongeBob(nn.Module):
         if attn_mask is None and kv_cache is None:
             if position_ids is None:
                 return AttentionMask(is_causal=True)
-            use_flex = self.config.attention == "flex" or (
-                self.config.attention == "auto" and device.type == "cuda"
+            use_flex = self.attention == "flex" or (
+                self.attention == "auto" and device.type == "cuda"
             )
             if use_flex:
                 return AttentionMask(flex=flex_block_mask(position_ids))
@@ -458,28 +479,10 @@ class SpongeBob(nn.Module):
 
 # --- Hugging Face mapping --------------------------------------------------------------------
 
-# Our name -> LlamaForCausalLM name. Layer names are identical below the "model." prefix; the
-# output projection `lm_head.weight` is the tied embedding (stored once in our checkpoints).
-HF_NAME_TABLE: dict[str, str] = {
-    "embed_tokens.weight": "model.embed_tokens.weight",
-    "layers.{i}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
-    "layers.{i}.self_attn.q_proj.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "layers.{i}.self_attn.k_proj.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "layers.{i}.self_attn.v_proj.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "layers.{i}.self_attn.o_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "layers.{i}.post_attention_layernorm.weight": (
-        "model.layers.{i}.post_attention_layernorm.weight"
-    ),
-    "layers.{i}.mlp.gate_proj.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "layers.{i}.mlp.up_proj.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "layers.{i}.mlp.down_proj.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "norm.weight": "model.norm.weight",
-    # (tied) "embed_tokens.weight" also -> "lm_head.weight"
-}
-
 
 def hf_state_dict(model: SpongeBob, include_lm_head: bool = True) -> dict[str, torch.Tensor]:
-    """The model's weights under LlamaForCausalLM names (see HF_NAME_TABLE)."""
+    """The model's weights under LlamaForCausalLM names: ours with a `model.` prefix, and the
+    tied embedding again as `lm_head.weight`."""
     sd = {f"model.{k}": v for k, v in model.state_dict().items()}
     if include_lm_head:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]

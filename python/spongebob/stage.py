@@ -1,0 +1,302 @@
+"""Everything a training stage needs before its first step, and its checkpoints.
+
+`prepare(cfg, rt)` resolves where the weights come from (resume > init > random), loads the
+tokenizer and the model through `checkpoint.load`, builds the training and validation loaders,
+the optimizer, and restores the exact state of a resumed run. `Stage.save` writes a checkpoint
+that `--resume` continues bit for bit (contracts.md §5). Every stage (pretrain, SFT, long SFT,
+distillation, and later DPO or GRPO) shares this; only its loss and its data differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spongebob import checkpoint as ck
+from spongebob.config import STAGE_ORDER, STAGES, TrainConfig
+from spongebob.errors import UserError
+from spongebob.runtime import Runtime, rng_state, seed_everything, set_rng_state
+
+if TYPE_CHECKING:
+    import torch
+
+    from spongebob.data import ChatTokenizer
+    from spongebob.model import SpongeBob
+
+# Settings a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = ("kind", "seq_len", "batch_size", "accum", "seed", "think_weight", "val_split")
+
+
+@dataclass
+class Stage:
+    cfg: TrainConfig
+    rt: Runtime
+    dir: Path  # OUT/<stage>
+    tokenizer: ChatTokenizer
+    tokenizer_dir: Path
+    model: SpongeBob  # the raw model (checkpoints, clipping, evaluation)
+    train_model: torch.nn.Module  # what the step calls: compiled and/or DDP-wrapped
+    opt: Any
+    data: Any  # the training loader (PackedDataset interface)
+    val: Any | None  # the validation loader, or None
+    total_steps: int
+    init: Path | None  # the checkpoint this stage started from (None: random or resumed)
+    start_step: int = 0
+    counters: dict = field(
+        default_factory=lambda: dict.fromkeys(
+            ("skipped_nonfinite", "skipped_empty", "tokens", "trained_tokens"), 0
+        )
+    )
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def save(self, path: Path, step: int) -> None:
+        """A checkpoint with every rank's loader and RNG state (all ranks call this; rank 0
+        writes)."""
+        gathered = self.rt.all_gather_object(
+            {"loader": _plain(self.data.state_dict()), "rng": rng_state()}
+        )
+        if not self.rt.is_main:
+            return
+        meta = {
+            "model": asdict(self.model.config),
+            "stage": self.cfg.stage,
+            "step": step,
+            "total_steps": self.total_steps,
+            "train": self.cfg.to_dict(),
+            "init": str(self.init) if self.init else None,
+            "parameters": self.model.num_parameters(),
+            "counters": dict(self.counters),
+        }
+        state = {
+            "optimizer": self.opt.state_dict(),
+            "step": step,
+            "world_size": self.rt.world_size,
+            "loader": [g["loader"] for g in gathered],
+            "rng": [g["rng"] for g in gathered],
+            "counters": dict(self.counters),
+            "train": self.cfg.to_dict(),
+        }
+        ck.save_checkpoint(path, self.model, meta, self.tokenizer_dir, state)
+
+
+def _plain(obj):
+    """Loader states as plain Python (numpy scalars → int/float), for weights_only loading."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+        return obj.item()
+    return obj
+
+
+def default_dataset_factory(paths, tokenizer, **kw):
+    from spongebob.data import PackedDataset
+
+    return PackedDataset(paths, tokenizer, **kw)
+
+
+# --- where the weights come from -----------------------------------------------------------
+
+
+def find_init(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint this stage starts from: --init, else the previous stage's final in the
+    same run folder (falling back to earlier stages), else random weights for pretraining."""
+    if cfg.init is not None:
+        if cfg.init.lower() in ("none", "scratch", "random"):
+            return None
+        return ck.resolve_checkpoint(cfg.init)  # a run, stage or checkpoint dir, or an HF folder
+    prev = STAGES[cfg.stage].init_from
+    if prev is None:
+        return None
+    earlier = STAGE_ORDER[: STAGE_ORDER.index(prev) + 1]
+    for stage in reversed(earlier):
+        if ck.is_checkpoint(run_dir / stage / "final"):
+            return run_dir / stage / "final"
+    raise UserError(
+        f"stage {cfg.stage} starts from the {prev} stage, but {run_dir} has no "
+        f"{'/'.join(reversed(earlier))} final checkpoint; pass --init CKPT, or --init none to "
+        "start from random weights"
+    )
+
+
+def _weights_source(cfg: TrainConfig, stage_dir: Path) -> tuple[Path | None, Path | None]:
+    """(checkpoint to resume, checkpoint to initialise from); at most one is set."""
+    if cfg.resume:
+        if ck.is_checkpoint(stage_dir / "final"):
+            raise UserError(f"{stage_dir} already finished (final/ exists); nothing to resume")
+        resume = ck.latest_checkpoint(stage_dir)
+        if resume is None:
+            raise UserError(
+                f"--resume: no checkpoint in {stage_dir / 'checkpoints'} to resume from"
+            )
+        return resume, None
+    if ck.list_step_checkpoints(stage_dir / "checkpoints") or ck.is_checkpoint(stage_dir / "final"):
+        raise UserError(
+            f"{stage_dir} already holds checkpoints; pass --resume to continue that run, or "
+            "choose another --out"
+        )
+    return None, find_init(cfg, stage_dir.parent)
+
+
+def _tokenizer_dir(cfg: TrainConfig, src: Path | None) -> Path:
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else src
+    if tok_dir is None:
+        raise UserError("--tokenizer DIR is required when not starting from a checkpoint")
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise UserError(f"{tok_dir}: no tokenizer.json")
+    if src is not None and cfg.tokenizer and (src / "tokenizer.json").is_file():
+        if (src / "tokenizer.json").read_bytes() != (tok_dir / "tokenizer.json").read_bytes():
+            raise UserError(f"--tokenizer {tok_dir} differs from the tokenizer of {src}")
+    return tok_dir
+
+
+def _model(cfg: TrainConfig, rt: Runtime, src: Path | None, tok_dir: Path):
+    """(model on the device in train mode, tokenizer): from `src`, or fresh from the preset."""
+    from spongebob.model import PRESETS, SpongeBob, preset
+    from spongebob.tokenizer import load as load_tokenizer
+
+    seed_everything(cfg.seed)
+    if src is not None:
+        loaded = ck.load(
+            src,
+            rt.device,
+            tokenizer=tok_dir,
+            kernels=cfg.kernels,
+            attention=cfg.attention,
+            max_seq_len=cfg.seq_len,
+        )
+        return loaded.model.train(), loaded.tokenizer
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown --preset {cfg.preset!r}; known: {', '.join(PRESETS)}")
+    tok = load_tokenizer(tok_dir)
+    mcfg = preset(cfg.preset, vocab_size=tok.vocab_size)
+    mcfg.max_seq_len = max(mcfg.max_seq_len, cfg.seq_len)
+    model = SpongeBob(mcfg, kernels=cfg.kernels, attention=cfg.attention)
+    return model.to(rt.device).train(), tok
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def _check_files(paths: list[str], what: str) -> list[str]:
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"{what} file {p}: no such file")
+    return [str(p) for p in paths]
+
+
+def _loaders(cfg: TrainConfig, rt: Runtime, tok, factory: Callable):
+    """(training loader, validation loader or None). `--val-split F` holds out documents inside
+    the loader by a seeded hash of their index (contracts.md §3): nothing is written."""
+    data = _check_files(cfg.data, "training")
+    eval_paths = _check_files(cfg.eval_data, "eval")
+    kw = dict(
+        kind=cfg.kind,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=rt.rank,
+        world_size=rt.world_size,
+        think_weight=cfg.think_weight,
+        cache_dir=cfg.cache_dir,
+        on_bad_line=cfg.on_bad_line,
+    )
+    split = {"holdout": cfg.val_split} if cfg.val_split else {}
+    # With a shared cache dir, rank 0 builds the token cache first; the others then open it.
+    if rt.distributed and not rt.is_main and cfg.cache_dir:
+        rt.barrier()
+    ds = factory(data, tok, **kw, **split)
+    if rt.distributed and rt.is_main and cfg.cache_dir:
+        rt.barrier()
+    stats = ds.stats() if hasattr(ds, "stats") else {}
+    if stats.get("skipped") or stats.get("truncated"):
+        rt.log(
+            f"data: skipped bad lines {dict(stats.get('skipped') or {})}, "
+            f"{stats.get('truncated', 0)} conversation(s) truncated at {cfg.seq_len + 1} tokens"
+        )
+    if len(ds) == 0:
+        raise UserError("the training data gives no batches (too little data for one row?)")
+    if cfg.val_split:
+        val = factory(data, tok, **kw, holdout=cfg.val_split, split="val")
+    elif eval_paths:
+        # Seed 0: the same rows as `spongebob eval` of that file (contracts.md §6).
+        val = factory(eval_paths, tok, **{**kw, "seed": 0})
+    elif cfg.eval_every:
+        raise UserError("--eval-every needs --eval-data FILE or --val-split F")
+    else:
+        val = None
+    return ds, val
+
+
+# --- set-up ----------------------------------------------------------------------------------
+
+
+def prepare(cfg: TrainConfig, rt: Runtime, factory: Callable | None = None) -> Stage:
+    """Build (or restore) everything stage `cfg.stage` needs to run its first step."""
+    import torch
+
+    from spongebob.model import format_params
+    from spongebob.step import build_optimizer
+
+    stage_dir = Path(cfg.out) / cfg.stage
+    resume, init = _weights_source(cfg, stage_dir)
+    src = resume or init
+    tok_dir = _tokenizer_dir(cfg, src)
+    model, tok = _model(cfg, rt, src, tok_dir)
+    if init is not None:
+        rt.log(f"initialised from {init}")
+    c = model.config
+    rt.log(
+        f"stage {cfg.stage}: model {format_params(model.num_parameters())} parameters "
+        f"({c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, vocab "
+        f"{c.vocab_size}), {rt.device}, {str(rt.dtype).removeprefix('torch.')}, world size "
+        f"{rt.world_size}, kernels {model.ops.name}"
+    )
+    ds, val = _loaders(cfg, rt, tok, factory or default_dataset_factory)
+    total = cfg.max_steps or max(1, cfg.epochs * len(ds) // cfg.accum)
+    train_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        train_model = DDP(train_model, device_ids=ids)
+    opt = build_optimizer(model, cfg, rt.device)
+    st = Stage(cfg, rt, stage_dir, tok, tok_dir, model, train_model, opt, ds, val, total, init)
+    if resume is not None:
+        _restore(st, resume)
+    if rt.is_main:
+        ck.clean_stale_temps(st.ckpt_root)
+        ck.clean_stale_temps(stage_dir)
+    return st
+
+
+def _restore(st: Stage, ckpt: Path) -> None:
+    """Optimizer, loader position, RNG and counters of `ckpt`, refused if the run differs."""
+    state = ck.load_train_state(ckpt)
+    if state.get("world_size", 1) != st.rt.world_size:
+        raise UserError(
+            f"{ckpt} was written by {state.get('world_size')} process(es); resume it with "
+            f"the same number (now {st.rt.world_size})"
+        )
+    saved = state.get("train", {})
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != getattr(st.cfg, key):
+            raise UserError(
+                f"--resume with a different {key} ({getattr(st.cfg, key)} vs {saved[key]} in "
+                f"{ckpt}); rerun the original command with --resume"
+            )
+    st.opt.load_state_dict(state["optimizer"])
+    try:
+        st.data.load_state_dict(state["loader"][st.rt.rank])
+    except ValueError as e:
+        raise UserError(f"cannot resume from {ckpt}: {e}") from None
+    set_rng_state(state["rng"][st.rt.rank])
+    st.start_step = int(state["step"])
+    st.counters.update({k: int(v) for k, v in state.get("counters", {}).items()})
+    st.rt.log(f"resumed from {ckpt} at step {st.start_step}")
