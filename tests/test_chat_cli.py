@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from spongebob.chat import ANSWER_LABEL, THINK_LABEL, USER_PROMPT, ChatSession, ReasonView
-from spongebob.generate import Generator, SamplingConfig, load_for_inference
+from spongebob.generate import Generator, SamplingConfig
+from test_generate import load_ckpt
 
 GREEDY_FLAGS = ["--temperature", "0", "--max-new-tokens", "8", "--device", "cpu"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -83,7 +84,7 @@ def ckpt(chatty) -> Path:
 @pytest.fixture(scope="module")
 def expected(chatty, ckpt):
     """The in-process replies, recomputed from the saved checkpoint (so loading is covered)."""
-    model, tok, _ = load_for_inference(ckpt, "cpu")
+    model, tok, _ = load_ckpt(ckpt)
     assert _replies(model, tok) == chatty[1]
     return (U1, U2, *chatty[1])
 
@@ -238,3 +239,83 @@ def test_session_keeps_the_last_n_exchanges_and_only_answers_in_reason_mode(chat
     assert ids[0] == chat_tok.bos_id and chat_tok.decode(ids[1:]) == "从前"
     p.record("从前", "有座山")
     assert p.turns == []
+
+
+def _triton_checkpoint(ckpt: Path, tmp_path: Path) -> Path:
+    """A copy of `ckpt` whose config says it was trained with Triton kernels and FlexAttention
+    (what checkpoints of older versions stored in the model config)."""
+    import shutil
+
+    out = tmp_path / "triton-final"
+    shutil.copytree(ckpt, out)
+    meta = json.loads((out / "config.json").read_text())
+    meta["model"].update(kernels="triton", attention="flex")
+    meta["train"] = {"kernels": "triton", "attention": "flex", "device": "cuda", "seq_len": 64}
+    (out / "config.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_a_checkpoint_trained_with_triton_kernels_chats_and_evaluates_on_cpu(
+    ckpt, expected, tmp_path
+):
+    u1, _, r1, _, _ = expected
+    tri = _triton_checkpoint(ckpt, tmp_path)
+    r = _run("--ckpt", str(tri), "--prompt", u1, "--device", "cpu", *GREEDY_FLAGS)
+    assert r.returncode == 0, r.stderr
+    assert _clean(r.stdout).rstrip("\n") == r1
+    # --kernels picks the op set at load time; triton needs CUDA (or the interpreter).
+    env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spongebob",
+            "chat",
+            "--ckpt",
+            str(tri),
+            "--prompt",
+            u1,
+            "--device",
+            "cpu",
+            "--kernels",
+            "triton",
+            *GREEDY_FLAGS,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("spongebob: error: --kernels triton needs a CUDA device")
+
+    data = tmp_path / "eval.jsonl"
+    msgs = [{"role": "user", "content": u1}, {"role": "assistant", "content": "好的。"}]
+    data.write_text(json.dumps({"conversations": msgs, "answer": "好"}) + "\n", encoding="utf-8")
+    out = tmp_path / "eval.json"
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spongebob",
+            "eval",
+            "--ckpt",
+            str(tri),
+            "--data",
+            str(data),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert ev.returncode == 0, ev.stderr
+    res = json.loads(out.read_text())["files"][str(data)]
+    assert res["perplexity"]["tokens"] > 0 and res["perplexity"]["ppl"] > 1
+    assert res["answers"]["summary"]["all"]["n"] == 1

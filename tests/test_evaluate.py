@@ -51,7 +51,12 @@ def _manual_nll(model, ids, trained) -> tuple[float, int]:
     return float(ce[keep].sum()), int(keep.sum())
 
 
-def test_perplexity_counts_only_the_tokens_the_loss_trains(chat_tok):
+def _jsonl(path, records) -> object:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
+    return path
+
+
+def test_perplexity_counts_only_the_tokens_the_loss_trains(chat_tok, tmp_path):
     from test_generate import tiny_model
 
     model = tiny_model(seed=2, sharpen=1.0)
@@ -60,27 +65,63 @@ def test_perplexity_counts_only_the_tokens_the_loss_trains(chat_tok):
         ids, w = chat_tok.encode_conversation(rec["conversations"])
         a, b = _manual_nll(model, [int(i) for i in ids], [bool(x > 0) for x in w])
         nll, n = nll + a, n + b
-    for rec in TEXTS:
-        ids = [int(i) for i in chat_tok.encode_document(rec["text"])]
-        a, b = _manual_nll(model, ids, [False] + [True] * (len(ids) - 1))
-        nll, n = nll + a, n + b
-    got = perplexity(model, chat_tok, CHATS + TEXTS, seq_len=200)
+    got = perplexity(model, chat_tok, _jsonl(tmp_path / "chat.jsonl", CHATS), seq_len=200)
+    assert got["kind"] == "chat" and got["records"] == 2
     assert got["tokens"] == n
     assert got["loss"] == pytest.approx(nll / n, rel=1e-5)
     assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
     # The prompt is not scored: fewer tokens than the whole conversation.
     whole = sum(len(chat_tok.encode_conversation(r["conversations"])[0]) - 1 for r in CHATS)
     assert n < whole
-    # Batching (right padding) changes nothing.
-    tiny_batches = perplexity(model, chat_tok, CHATS + TEXTS, seq_len=200, max_batch_tokens=1)
-    assert tiny_batches["loss"] == pytest.approx(got["loss"], rel=1e-5)
+    # Packing several conversations per row, or one per row, changes nothing.
+    one_per_row = perplexity(model, chat_tok, tmp_path / "chat.jsonl", seq_len=200, batch_size=1)
+    assert one_per_row["loss"] == pytest.approx(got["loss"], rel=1e-5)
 
 
-def test_long_records_are_cut_and_counted(chat_tok):
+def test_text_perplexity_scores_every_token_after_each_documents_start(chat_tok, tmp_path):
     from test_generate import tiny_model
 
-    got = perplexity(tiny_model(), chat_tok, [{"text": "很长的文本。" * 50}], seq_len=16)
-    assert got["truncated"] == 1 and got["tokens"] == 16
+    model = tiny_model(seed=2, sharpen=1.0)
+    docs = [[int(i) for i in chat_tok.encode_document(r["text"])] for r in TEXTS]
+    nll = n = 0
+    for ids in docs:
+        a, b = _manual_nll(model, ids, [False] + [True] * (len(ids) - 1))
+        nll, n = nll + a, n + b
+    # One row of exactly all the tokens: the stream drops no tail.
+    seq_len = sum(len(d) for d in docs) - 1
+    got = perplexity(model, chat_tok, _jsonl(tmp_path / "text.jsonl", TEXTS), seq_len=seq_len)
+    assert got["kind"] == "text" and got["tokens"] == n
+    assert got["loss"] == pytest.approx(nll / n, rel=1e-5)
+
+
+def test_bits_per_byte_divide_the_nats_by_the_utf8_bytes_of_the_scored_text(chat_tok, tmp_path):
+    from spongebob.evaluate import token_byte_lengths
+    from test_generate import tiny_model
+
+    nbytes = token_byte_lengths(chat_tok)
+    for text in ("巴黎是法国的首都。", "Water boils at 100 degrees.", "emoji 🤖 + tabs\t"):
+        ids = chat_tok.encode(text)
+        assert int(nbytes[torch.as_tensor(ids, dtype=torch.long)].sum()) == len(text.encode())
+    assert nbytes[chat_tok.eos_id] == 0 and nbytes[chat_tok.bos_id] == 0
+    model = tiny_model(seed=2, sharpen=1.0)
+    got = perplexity(model, chat_tok, _jsonl(tmp_path / "chat.jsonl", CHATS), seq_len=200)
+    replies = [m["content"] for r in CHATS for m in r["conversations"] if m["role"] == "assistant"]
+    assert got["bytes"] == sum(len(c.encode()) for c in replies)  # each </s> counts 0 bytes
+    assert got["bpb"] == pytest.approx(got["loss"] * got["tokens"] / (math.log(2) * got["bytes"]))
+
+
+def test_long_records_are_cut_and_counted(chat_tok, tmp_path):
+    from test_generate import tiny_model
+
+    conv = [
+        {"role": "user", "content": "写长一点"},
+        {"role": "assistant", "content": "很长。" * 60},
+    ]
+    _, w = chat_tok.encode_conversation(conv)
+    path = _jsonl(tmp_path / "long.jsonl", [{"conversations": conv}])
+    got = perplexity(tiny_model(), chat_tok, path, seq_len=40)
+    assert got["truncated"] == 1
+    assert got["tokens"] == sum(1 for x in w[1:41] if x > 0)
 
 
 def test_numbers_match_only_whole_numbers_and_text_case_insensitively():

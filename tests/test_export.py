@@ -11,7 +11,8 @@ import torch
 
 from spongebob.errors import UserError
 from spongebob.export import export_hf
-from spongebob.generate import Generator, SamplingConfig, load_for_inference
+from spongebob.generate import Generator, SamplingConfig
+from test_generate import load_ckpt
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,7 +51,7 @@ def test_export_writes_the_files_transformers_needs(exported):
 
 def test_transformers_logits_equal_ours_in_fp32(exported, hf_model):
     ckpt, _ = exported
-    ours, _, _ = load_for_inference(ckpt, "cpu")
+    ours, _, _ = load_ckpt(ckpt)
     assert isinstance(hf_model, transformers.LlamaForCausalLM)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, ours.config.vocab_size, (2, 37), generator=g)
@@ -63,7 +64,7 @@ def test_transformers_logits_equal_ours_in_fp32(exported, hf_model):
 
 def test_transformers_greedy_generation_gives_our_tokens(exported, hf_model, chat_tok):
     ckpt, _ = exported
-    ours, tok, _ = load_for_inference(ckpt, "cpu")
+    ours, tok, _ = load_ckpt(ckpt)
     gen = Generator(ours, tok)
     generated = 0
     for text in ("你好，你是谁？", "法国的首都是哪里？", "What is 2 + 3?"):
@@ -102,8 +103,8 @@ def test_exported_tokenizer_renders_and_encodes_the_chat_template_like_ours(expo
 
 def test_our_loader_reads_the_exported_folder_back(exported):
     ckpt, out = exported
-    a, _, _ = load_for_inference(ckpt, "cpu")
-    b, _, meta = load_for_inference(out, "cpu")
+    a, _, _ = load_ckpt(ckpt)
+    b, _, meta = load_ckpt(out)
     assert meta["format"] == "hf"
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, a.config.vocab_size, (1, 12), generator=g)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from spongebob import checkpoint
 from spongebob.errors import UserError
 from spongebob.generate import (
     REPLACEMENT,
@@ -18,13 +19,12 @@ from spongebob.generate import (
     StreamDecoder,
     apply_repetition_penalty,
     filter_logits,
-    load_for_inference,
 )
 from spongebob.model import ModelConfig, SpongeBob
 
 TINY = ModelConfig(
     vocab_size=800, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-    max_seq_len=256, kernels="torch", attention="sdpa",
+    max_seq_len=256,
 )  # fmt: skip
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_ids=[])
 
@@ -37,11 +37,17 @@ def tiny_model(seed: int = 0, sharpen: float = 30.0, **kw) -> SpongeBob:
     hidden state is mostly the input embedding, so the model would just repeat its last
     token; this makes its output depend on the whole context instead."""
     torch.manual_seed(seed)
-    model = SpongeBob(replace(TINY, **kw)).eval()
+    model = SpongeBob(replace(TINY, **kw), kernels="torch", attention="sdpa").eval()
     with torch.no_grad():
         model.embed_tokens.weight.mul_(sharpen)
         model.norm.weight.normal_()
     return model
+
+
+def load_ckpt(path, **kw):
+    """(model, tokenizer, meta) of `checkpoint.load` on the CPU."""
+    loaded = checkpoint.load(path, "cpu", **kw)
+    return loaded.model, loaded.tokenizer, loaded.meta
 
 
 def make_checkpoint(path: Path, tok_dir: Path, seed: int = 0, **kw) -> Path:
@@ -233,7 +239,7 @@ def test_loader_takes_a_checkpoint_dir_its_weights_file_or_a_run_folder(tmp_path
     with torch.no_grad():
         want = ref(prompt)
     for path in (ckpt, ckpt / "model.safetensors", tmp_path / "run"):
-        model, tok, meta = load_for_inference(path, device="cpu")
+        model, tok, meta = load_ckpt(path)
         assert meta["path"] == str(ckpt)
         assert tok.vocab_size == model.config.vocab_size
         with torch.no_grad():
@@ -242,21 +248,21 @@ def test_loader_takes_a_checkpoint_dir_its_weights_file_or_a_run_folder(tmp_path
 
 def test_loader_errors_are_one_line_user_errors(tmp_path, tok_dir, minimind_tok_dir):
     with pytest.raises(UserError, match="no such"):
-        load_for_inference(tmp_path / "missing", device="cpu")
+        load_ckpt(tmp_path / "missing")
     ckpt = make_checkpoint(tmp_path / "ckpt", tok_dir)
     (ckpt / "model.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(UserError, match="corrupt") as e:
-        load_for_inference(ckpt, device="cpu")
+        load_ckpt(ckpt)
     assert "\n" not in str(e.value)
 
     ckpt = make_checkpoint(tmp_path / "ckpt2", tok_dir)
     with pytest.raises(UserError, match="tokens but the model") as e:
-        load_for_inference(ckpt, device="cpu", tokenizer=minimind_tok_dir)
+        load_ckpt(ckpt, tokenizer=minimind_tok_dir)
     assert "\n" not in str(e.value)
 
     meta = json.loads((ckpt / "config.json").read_text())
     meta["model"]["dim"] = 64
     (ckpt / "config.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="do not fit") as e:
-        load_for_inference(ckpt, device="cpu")
+        load_ckpt(ckpt)
     assert "\n" not in str(e.value)

@@ -21,13 +21,13 @@ from spongebob.model import (
 
 TINY = ModelConfig(
     vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-    max_seq_len=128, kernels="torch", attention="sdpa",
+    max_seq_len=128,
 )  # fmt: skip
 
 
-def tiny_model(seed: int = 0, **kw) -> SpongeBob:
+def tiny_model(seed: int = 0, attention: str = "sdpa", **kw) -> SpongeBob:
     torch.manual_seed(seed)
-    return SpongeBob(replace(TINY, **kw)).eval()
+    return SpongeBob(replace(TINY, **kw), kernels="torch", attention=attention).eval()
 
 
 @pytest.mark.parametrize(

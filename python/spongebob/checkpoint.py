@@ -261,7 +261,7 @@ def load(
     UserError.
     """
     from spongebob.model import ModelConfig, SpongeBob
-    from spongebob.runtime import resolve_device
+    from spongebob.runtime import check_kernels, resolve_device
     from spongebob.tokenizer import load as load_tokenizer
 
     p = Path(path)
@@ -301,6 +301,7 @@ def load(
             f"{ckpt}: weights do not fit the configured model ({' '.join(first[:2])})"
         ) from None
     dev = resolve_device(device) if isinstance(device, str) else device
+    check_kernels(kernels, dev)
     model.to(dev).eval()
 
     tok_dir = Path(tokenizer) if tokenizer is not None else ckpt

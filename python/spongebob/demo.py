@@ -158,8 +158,7 @@ def run_demo(out: Path, plan_name: str = "full", seed: int = 0) -> dict:
     """Run every stage into `out` and return the scorecard (also written as JSON + report)."""
     import torch
 
-    from spongebob import demo_data
-    from spongebob import checkpoint
+    from spongebob import checkpoint, demo_data
     from spongebob.config import stage_config
     from spongebob.tokenizer import load as load_tokenizer
     from spongebob.tokenizer import train_tokenizer

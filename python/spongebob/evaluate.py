@@ -87,22 +87,28 @@ def read_records(path: Path, limit: int | None = None) -> Iterator[tuple[int, di
 
 
 def token_byte_lengths(tok) -> torch.Tensor:
-    """UTF-8 bytes of each token id's text (int64 [vocab]); special tokens count 0.
+    """UTF-8 bytes of each token id's text (int64 [vocab]), contracts.md §6: the template's
+    structural tokens (`<unk>`, `<s>`, `</s>`) count 0; an added token such as a reasoning tag
+    counts the bytes of its text, as it would with a tokenizer that spells it in plain tokens.
 
-    Byte-level BPE stores every token as a string over GPT-2's 256-character byte alphabet, so a
-    token's byte length is the length of that string once mapped back to bytes.
+    Byte-level BPE stores every other token as a string over GPT-2's 256-character byte
+    alphabet, so its byte length is the length of that string once mapped back to bytes.
     """
     import torch
 
     tok_json = json.loads(Path(tok.path).read_text(encoding="utf-8"))
-    added = {int(t["id"]) for t in tok_json.get("added_tokens", [])}
+    added = {int(t["id"]): t["content"] for t in tok_json.get("added_tokens", [])}
+    structural = {tok.pad_id, tok.bos_id, tok.eos_id}
     alphabet = _byte_alphabet()
     out = torch.zeros(tok.vocab_size, dtype=torch.int64)
     for i in range(tok.vocab_size):
         piece = tok.id_to_token(i)
-        if piece is None or i in added:
+        if piece is None or i in structural:
             continue
-        out[i] = sum(1 if ch in alphabet else len(ch.encode("utf-8")) for ch in piece)
+        if i in added:
+            out[i] = len(added[i].encode("utf-8"))
+        else:
+            out[i] = sum(1 if ch in alphabet else len(ch.encode("utf-8")) for ch in piece)
     return out
 
 

@@ -58,6 +58,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
+def check_kernels(kernels: str, device: torch.device) -> None:
+    """Triton kernels run on CUDA, or on a CPU under Triton's interpreter (TRITON_INTERPRET=1)."""
+    if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(
+            f"--kernels triton needs a CUDA device (this model is on {device}); use --kernels "
+            "auto or torch, or set TRITON_INTERPRET=1 to run Triton's interpreter on the CPU"
+        )
+
+
 @dataclass
 class Runtime:
     """The device, compute dtype and process group of this process."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from spongebob import checkpoint as ck
 from spongebob.config import STAGE_ORDER, STAGES, TrainConfig
 from spongebob.errors import UserError
-from spongebob.runtime import Runtime, rng_state, seed_everything, set_rng_state
+from spongebob.runtime import Runtime, check_kernels, rng_state, seed_everything, set_rng_state
 
 if TYPE_CHECKING:
     import torch
@@ -161,6 +161,7 @@ def _model(cfg: TrainConfig, rt: Runtime, src: Path | None, tok_dir: Path):
     from spongebob.model import PRESETS, SpongeBob, preset
     from spongebob.tokenizer import load as load_tokenizer
 
+    check_kernels(cfg.kernels, rt.device)
     seed_everything(cfg.seed)
     if src is not None:
         loaded = ck.load(
