@@ -29,12 +29,21 @@ def test_kernels_are_real_files_inside_the_package_so_wheels_ship_them():
 
 
 def test_cli_version_and_help_list_every_registered_command():
-    from spongebob.cli import COMMAND_MODULES
+    import argparse
+    import re
+
+    from spongebob.cli import build_parser
 
     run = [sys.executable, "-m", "spongebob"]
     out = subprocess.run([*run, "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"spongebob {spongebob.__version__}"
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    expected = {"tokenizer", "data", "train", "chat", "eval", "export", "demo"}
+    assert set(sub.choices) == expected
     helptext = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("tokenizer", "data", "train", "chat", "eval", "export", "demo"):
-        assert cmd in helptext
-    assert len(COMMAND_MODULES) == len(set(COMMAND_MODULES))
+    # Each command on a line of its own in the command list, not just a word somewhere.
+    listed = set(re.findall(r"^    ([a-z]+)(?: {2,}\S|$)", helptext, flags=re.M))
+    assert listed == expected, helptext
+    for cmd in sorted(expected):
+        r = subprocess.run([*run, cmd, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: spongebob {cmd}"), r.stderr
