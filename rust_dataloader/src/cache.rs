@@ -21,19 +21,16 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{BadReason, DataError, Result};
-use crate::jsonl::{parse_line, Kind, RawLines};
+use crate::jsonl::{for_each_record, Kind, Workers};
 use crate::tokenizer::{ChatTokenizer, Encoded, TEMPLATE_VERSION};
 
 /// Bumped when the on-disk layout changes.
 pub const CACHE_FORMAT: u32 = 1;
-const LINES_PER_CHUNK: usize = 4096;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SourceId {
@@ -166,58 +163,25 @@ fn crc_of_file(path: &Path, expected_len: u64) -> Option<u32> {
     Some(hasher.finalize())
 }
 
-/// Where the tokenizing work runs: a thread pool, and a flag that asks it to stop.
-#[derive(Clone, Copy)]
-pub struct Workers<'a> {
-    pub pool: &'a rayon::ThreadPool,
-    /// Checked between chunks of lines; once set, the work ends with `Interrupted`.
-    pub cancel: &'a AtomicBool,
-}
-
-/// Parse and encode every record of `path` in order, in parallel chunks of lines, calling
-/// `f(line, encoded or why not)` for each (blank lines are passed over). `f` may stop the
-/// scan by returning an error; `workers.cancel` stops it between chunks with `Interrupted`.
+/// Parse and encode every record of `path` in order ([`for_each_record`], which applies the
+/// empty-file rule), calling `f(line, encoded or why not)` for each non-blank line.
 pub fn for_each_encoded(
     path: &Path,
     kind: Kind,
     tok: &ChatTokenizer,
     workers: Workers<'_>,
-    mut f: impl FnMut(u64, std::result::Result<Encoded, BadReason>) -> Result<()>,
+    f: impl FnMut(u64, std::result::Result<Encoded, BadReason>) -> Result<()>,
 ) -> Result<()> {
-    let mut lines = RawLines::open(path)?;
-    let mut chunk = Vec::with_capacity(LINES_PER_CHUNK);
-    loop {
-        if workers.cancel.load(Ordering::Relaxed) {
-            return Err(DataError::Interrupted);
-        }
-        chunk.clear();
-        let more = lines.fill(&mut chunk, LINES_PER_CHUNK)?;
-        let encoded: Vec<(u64, Option<std::result::Result<Encoded, BadReason>>)> =
-            workers.pool.install(|| {
-                chunk
-                    .par_iter()
-                    .map(|(line, raw)| {
-                        let item = match parse_line(raw, kind) {
-                            Ok(None) => None,
-                            Ok(Some(rec)) => Some(
-                                tok.encode_record(&rec)
-                                    .map_err(|e| BadReason::BadSchema(e.to_string())),
-                            ),
-                            Err(reason) => Some(Err(reason)),
-                        };
-                        (*line, item)
-                    })
-                    .collect()
-            });
-        for (line, item) in encoded {
-            if let Some(item) = item {
-                f(line, item)?;
-            }
-        }
-        if !more {
-            return Ok(());
-        }
-    }
+    for_each_record(
+        path,
+        kind,
+        workers,
+        |rec| {
+            tok.encode_record(&rec)
+                .map_err(|e| BadReason::BadSchema(e.to_string()))
+        },
+        f,
+    )
 }
 
 impl DocStore {
@@ -314,7 +278,7 @@ impl DocStore {
                 crc32fast::Hasher::new(),
             );
             let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
-            let (mut docs, mut tokens, mut bad) = (0u64, 0u64, 0u64);
+            let (mut docs, mut tokens) = (0u64, 0u64);
             let mut bytes = Vec::new();
             for_each_encoded(path, kind, tok, workers, |line, item| {
                 match item {
@@ -346,22 +310,11 @@ impl DocStore {
                                 reason,
                             });
                         }
-                        bad += 1;
                         *skipped.entry(reason.code().to_owned()).or_default() += 1;
                     }
                 }
                 Ok(())
             })?;
-            if docs == 0 && bad == 0 {
-                if !skip_bad {
-                    return Err(DataError::BadLine {
-                        path: path.to_owned(),
-                        line: 0,
-                        reason: BadReason::EmptyFile,
-                    });
-                }
-                *skipped.entry("empty_file".to_owned()).or_default() += 1;
-            }
             for (w, p) in [(w_tok, &tok_tmp), (w_cls, &cls_tmp), (w_idx, &idx_tmp)] {
                 w.into_inner()
                     .map_err(|e| DataError::io(p, e.into_error()))?
@@ -447,5 +400,207 @@ impl DocStore {
             .read_exact_at(&mut classes[old..], start)
             .map_err(|e| DataError::io(with_ext(&self.path_stem, "cls"), e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jsonl::JsonlReader;
+    use crate::test_support::{text_lines, tiny_tokenizer, write_lines};
+    use std::sync::atomic::AtomicBool;
+
+    /// Every document of `store` as (ids, classes).
+    fn contents(store: &DocStore) -> Vec<Encoded> {
+        (0..store.num_docs())
+            .map(|i| {
+                let mut e = Encoded::default();
+                store
+                    .read(i, 0, store.doc_len(i), &mut e.ids, &mut e.classes)
+                    .unwrap();
+                e
+            })
+            .collect()
+    }
+
+    /// What the cache must hold: the file's records, encoded one by one.
+    fn encoded(path: &Path, tok: &ChatTokenizer) -> Vec<Encoded> {
+        JsonlReader::open(path, Kind::Text)
+            .unwrap()
+            .map(|r| tok.encode_record(&r.unwrap().1.unwrap()).unwrap())
+            .collect()
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        tok: ChatTokenizer,
+        src: PathBuf,
+        cache: PathBuf,
+        pool: rayon::ThreadPool,
+        cancel: AtomicBool,
+    }
+
+    impl Setup {
+        fn new() -> Setup {
+            let dir = tempfile::tempdir().unwrap();
+            let (tok, _) = tiny_tokenizer(&dir.path().join("tok"), true);
+            let src = write_lines(&dir.path().join("pre.jsonl"), &text_lines(40, 0));
+            Setup {
+                tok,
+                src,
+                cache: dir.path().join("cache"),
+                pool: rayon::ThreadPoolBuilder::new()
+                    .num_threads(2)
+                    .build()
+                    .unwrap(),
+                cancel: AtomicBool::new(false),
+                _dir: dir,
+            }
+        }
+
+        fn open(&self) -> DocStore {
+            let workers = Workers {
+                pool: &self.pool,
+                cancel: &self.cancel,
+            };
+            DocStore::open_or_build(
+                &self.src,
+                Kind::Text,
+                &self.tok,
+                &self.cache,
+                false,
+                workers,
+            )
+            .unwrap()
+        }
+
+        fn stem(&self) -> PathBuf {
+            cache_stem(
+                &self.cache,
+                &SourceId::of(&self.src).unwrap(),
+                &self.tok,
+                Kind::Text,
+            )
+        }
+
+        /// The (size, modification time) of each cache file: a rebuild rewrites them.
+        fn files(&self) -> BTreeMap<PathBuf, std::time::SystemTime> {
+            fs::read_dir(&self.cache)
+                .unwrap()
+                .map(|e| {
+                    let p = e.unwrap().path();
+                    let t = fs::metadata(&p).unwrap().modified().unwrap();
+                    (p, t)
+                })
+                .collect()
+        }
+    }
+
+    /// The cache files get an old timestamp, so that a rebuild is seen in their mtimes.
+    fn age(files: &BTreeMap<PathBuf, std::time::SystemTime>) {
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        for p in files.keys() {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_warm_open_reuses_the_cache_and_reads_what_was_encoded() {
+        let s = Setup::new();
+        let first = s.open();
+        assert_eq!(contents(&first), encoded(&s.src, &s.tok));
+        assert_eq!(first.meta.docs, 40);
+        let before = s.files();
+        assert_eq!(before.len(), 4);
+        age(&before);
+        let aged = s.files();
+        let again = s.open();
+        assert_eq!(s.files(), aged, "a valid cache is not rewritten");
+        assert_eq!(contents(&again), encoded(&s.src, &s.tok));
+    }
+
+    #[test]
+    fn a_changed_source_gets_a_new_key_and_the_old_version_is_removed() {
+        let s = Setup::new();
+        s.open();
+        let old_stem = s.stem();
+        // Same path, other contents (size and mtime change): the key changes.
+        let mut lines = text_lines(40, 0);
+        lines[3] = serde_json::json!({"text": "a changed line"}).to_string();
+        lines.push(serde_json::json!({"text": "and one more"}).to_string());
+        write_lines(&s.src, &lines);
+        File::options()
+            .write(true)
+            .open(&s.src)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        assert_ne!(s.stem(), old_stem);
+        let store = s.open();
+        assert_eq!(store.meta.docs, 41);
+        assert_eq!(contents(&store), encoded(&s.src, &s.tok));
+        for ext in ["json", "tok", "cls", "idx"] {
+            assert!(
+                !with_ext(&old_stem, ext).exists(),
+                "stale .{ext} left behind"
+            );
+        }
+        assert_eq!(s.files().len(), 4);
+    }
+
+    #[test]
+    fn a_torn_or_garbage_meta_is_rebuilt() {
+        let s = Setup::new();
+        let good = contents(&s.open());
+        let meta = with_ext(&s.stem(), "json");
+        let full = fs::read(&meta).unwrap();
+        for damage in [
+            full[..full.len() / 2].to_vec(),
+            b"\x00\xffnot json at all".to_vec(),
+            Vec::new(),
+            b"{}".to_vec(),
+        ] {
+            fs::write(&meta, &damage).unwrap();
+            assert!(DocStore::try_open(
+                &s.stem(),
+                &SourceId::of(&s.src).unwrap(),
+                &s.tok,
+                Kind::Text
+            )
+            .is_none());
+            let before = s.files();
+            age(&before);
+            let store = s.open();
+            assert_eq!(contents(&store), good);
+            assert_eq!(fs::read(&meta).unwrap(), full, "the meta is written again");
+            let after = s.files();
+            let aged =
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+            assert!(after.values().all(|&t| t > aged), "every file was rebuilt");
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_fails_the_crc_and_is_rebuilt() {
+        let s = Setup::new();
+        let good = contents(&s.open());
+        for ext in ["tok", "cls", "idx"] {
+            let p = with_ext(&s.stem(), ext);
+            let mut bytes = fs::read(&p).unwrap();
+            let original = bytes.clone();
+            let at = bytes.len() / 3;
+            bytes[at] ^= 0x01; // same length: only the CRC can tell
+            fs::write(&p, &bytes).unwrap();
+            let src = SourceId::of(&s.src).unwrap();
+            assert!(DocStore::try_open(&s.stem(), &src, &s.tok, Kind::Text).is_none());
+            let store = s.open();
+            assert_eq!(contents(&store), good, "after a flipped byte in .{ext}");
+            assert_eq!(fs::read(&p).unwrap(), original);
+        }
     }
 }

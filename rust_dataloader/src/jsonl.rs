@@ -4,11 +4,18 @@
 //! normalised: pretrain text loses one leading `<s>` and one trailing `</s>`; a conversation
 //! must be non-empty, use known roles and contain an assistant turn. Blank lines are passed
 //! over (they are not records). Every rejection carries a [`BadReason`].
+//!
+//! This is the one place that iterates over a file's lines: [`JsonlReader`] (sequential) and
+//! [`for_each_record`] (parsed in parallel chunks, for the cache builder and `data check`)
+//! share the line reader (a UTF-8 byte-order mark at the start of the file is skipped) and the
+//! empty-file rule ([`empty_file`]).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use rayon::prelude::*;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -119,6 +126,66 @@ pub fn strip_document_markers(text: &str) -> &str {
     t.strip_suffix("</s>").unwrap_or(t)
 }
 
+/// The first `\uXXXX` escape of `line` that is a UTF-16 surrogate but not half of a pair
+/// (a high one not followed by a `\u` low one, or a low one on its own): its byte offset and
+/// code unit. JSON strings are UTF-16 escaped; such an escape names no character.
+pub fn lone_surrogate(line: &str) -> Option<(usize, u16)> {
+    let b = line.as_bytes();
+    let hex4 = |at: usize| -> Option<u16> {
+        let digits = b.get(at..at + 4)?;
+        if !digits.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        // `\\` is an escaped backslash: the `u` after it is a plain letter.
+        let Some(unit) = (b.get(i + 1) == Some(&b'u')).then(|| hex4(i + 2)).flatten() else {
+            i += 2;
+            continue;
+        };
+        match unit {
+            0xD800..=0xDBFF => {
+                let low = (b.get(i + 6) == Some(&b'\\') && b.get(i + 7) == Some(&b'u'))
+                    .then(|| hex4(i + 8))
+                    .flatten();
+                match low {
+                    Some(0xDC00..=0xDFFF) => i += 12,
+                    _ => return Some((i, unit)),
+                }
+            }
+            0xDC00..=0xDFFF => return Some((i, unit)),
+            _ => i += 6,
+        }
+    }
+    None
+}
+
+/// A line holding a lone surrogate escape is invalid JSON, wherever it is (also in a key that
+/// is otherwise ignored); the message says so, unless a syntax error comes before it.
+fn check_surrogates(line: &str) -> std::result::Result<(), BadReason> {
+    if !line.contains("\\u") {
+        return Ok(());
+    }
+    let Some((at, unit)) = lone_surrogate(line) else {
+        return Ok(());
+    };
+    let column = at + 1; // 1-based, in bytes, like serde_json's
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(line) {
+        if e.column() < column && !e.is_data() {
+            return Err(BadReason::InvalidJson(e.to_string()));
+        }
+    }
+    Err(BadReason::InvalidJson(format!(
+        "lone surrogate escape \\u{unit:04x} at line 1 column {column}"
+    )))
+}
+
 /// Syntax errors are invalid JSON; a type error is a schema error only if the line is valid
 /// JSON as a whole (serde stops at the first wrong type, e.g. `[1, 2` fails as "a sequence").
 fn json_error(line: &str, e: serde_json::Error) -> BadReason {
@@ -174,6 +241,7 @@ pub fn parse_line(bytes: &[u8], kind: Kind) -> std::result::Result<Option<Record
     if line.trim().is_empty() {
         return Ok(None);
     }
+    check_surrogates(line)?;
     let record = match kind {
         Kind::Text => {
             let Object(t): Object<TextLine> =
@@ -205,38 +273,36 @@ pub fn parse_line(bytes: &[u8], kind: Kind) -> std::result::Result<Option<Record
 /// A line's outcome, with its 1-based line number.
 pub type LineResult = (u64, std::result::Result<Record, BadReason>);
 
-/// Streams the records of one file. I/O errors end the stream with `Err`; bad lines are
-/// yielded as `Ok((line, Err(reason)))` so the caller applies its policy. An empty file
-/// (no record and no bad line) yields one `(0, Err(EmptyFile))`.
-pub struct JsonlReader {
-    path: PathBuf,
-    reader: BufReader<File>,
-    kind: Kind,
-    line_no: u64,
-    buf: Vec<u8>,
-    seen_any: bool,
-    done: bool,
+/// The UTF-8 byte-order mark, skipped at the start of a file (contracts.md §1).
+pub const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The empty-file rule (contracts.md §1): a file without a single non-blank line (no record,
+/// no bad line) is itself bad, as "line" 0 (the file as a whole). `seen_any` = a non-blank
+/// line was read. Every reader of jsonl files applies it through this function.
+pub fn empty_file(seen_any: bool) -> Option<(u64, BadReason)> {
+    (!seen_any).then_some((0, BadReason::EmptyFile))
 }
 
-impl JsonlReader {
-    pub fn open(path: &Path, kind: Kind) -> Result<Self> {
+/// Raw lines of one file (without `\n` / `\r\n`, the byte-order mark of line 1 removed).
+struct Lines {
+    path: PathBuf,
+    reader: BufReader<File>,
+    line_no: u64,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-        Ok(JsonlReader {
+        Ok(Lines {
             path: path.to_owned(),
             reader: BufReader::with_capacity(1 << 20, file),
-            kind,
             line_no: 0,
             buf: Vec::with_capacity(4096),
-            seen_any: false,
-            done: false,
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Read the next raw line (without `\n` / `\r\n`); `None` at end of file.
+    /// Read the next line into `buf`; its 1-based number, or `None` at end of file.
     fn next_raw(&mut self) -> Result<Option<u64>> {
         self.buf.clear();
         let n = self
@@ -252,8 +318,36 @@ impl JsonlReader {
                 self.buf.pop();
             }
         }
+        if self.line_no == 0 && self.buf.starts_with(BOM) {
+            self.buf.drain(..BOM.len());
+        }
         self.line_no += 1;
         Ok(Some(self.line_no))
+    }
+}
+
+/// Streams the records of one file. I/O errors end the stream with `Err`; bad lines are
+/// yielded as `Ok((line, Err(reason)))` so the caller applies its policy. An empty file
+/// yields one `(0, Err(EmptyFile))` ([`empty_file`]).
+pub struct JsonlReader {
+    lines: Lines,
+    kind: Kind,
+    seen_any: bool,
+    done: bool,
+}
+
+impl JsonlReader {
+    pub fn open(path: &Path, kind: Kind) -> Result<Self> {
+        Ok(JsonlReader {
+            lines: Lines::open(path)?,
+            kind,
+            seen_any: false,
+            done: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.lines.path
     }
 }
 
@@ -265,19 +359,16 @@ impl Iterator for JsonlReader {
             return None;
         }
         loop {
-            match self.next_raw() {
+            match self.lines.next_raw() {
                 Err(e) => {
                     self.done = true;
                     return Some(Err(e));
                 }
                 Ok(None) => {
                     self.done = true;
-                    if !self.seen_any {
-                        return Some(Ok((0, Err(BadReason::EmptyFile))));
-                    }
-                    return None;
+                    return empty_file(self.seen_any).map(|(line, r)| Ok((line, Err(r))));
                 }
-                Ok(Some(line)) => match parse_line(&self.buf, self.kind) {
+                Ok(Some(line)) => match parse_line(&self.lines.buf, self.kind) {
                     Ok(None) => continue,
                     Ok(Some(rec)) => {
                         self.seen_any = true;
@@ -293,27 +384,74 @@ impl Iterator for JsonlReader {
     }
 }
 
-/// Raw lines with their numbers, for callers that parse in parallel (the cache builder).
-pub struct RawLines {
-    inner: JsonlReader,
+/// Where parallel parsing runs: a thread pool, and a flag that asks it to stop.
+#[derive(Clone, Copy)]
+pub struct Workers<'a> {
+    pub pool: &'a rayon::ThreadPool,
+    /// Checked between chunks of lines; once set, the work ends with `Interrupted`.
+    pub cancel: &'a AtomicBool,
 }
 
-impl RawLines {
-    pub fn open(path: &Path) -> Result<Self> {
-        Ok(RawLines {
-            inner: JsonlReader::open(path, Kind::Auto)?,
-        })
-    }
+/// Lines read, parsed and mapped per chunk (the unit of parallel work and of cancelling).
+pub const LINES_PER_CHUNK: usize = 4096;
 
-    /// Fill `out` with up to `max` (line number, bytes) pairs; returns false at end of file.
-    pub fn fill(&mut self, out: &mut Vec<(u64, Vec<u8>)>, max: usize) -> Result<bool> {
-        while out.len() < max {
-            match self.inner.next_raw()? {
-                None => return Ok(false),
-                Some(line) => out.push((line, self.inner.buf.clone())),
+/// Parse every record of `path` in order, in parallel chunks of lines, map it with `map` (on
+/// the pool too: the cache builder encodes there) and call `f(line, mapped or why not)` for
+/// each non-blank line, in file order, then `f(0, Err(EmptyFile))` for an empty file. `f` may
+/// stop the scan by returning an error; `workers.cancel` stops it between chunks with
+/// `Interrupted`. The same lines and outcomes as [`JsonlReader`].
+pub fn for_each_record<T: Send>(
+    path: &Path,
+    kind: Kind,
+    workers: Workers<'_>,
+    map: impl Fn(Record) -> std::result::Result<T, BadReason> + Sync,
+    mut f: impl FnMut(u64, std::result::Result<T, BadReason>) -> Result<()>,
+) -> Result<()> {
+    let mut lines = Lines::open(path)?;
+    let mut chunk: Vec<(u64, Vec<u8>)> = Vec::with_capacity(LINES_PER_CHUNK);
+    let mut seen_any = false;
+    loop {
+        if workers.cancel.load(Ordering::Relaxed) {
+            return Err(DataError::Interrupted);
+        }
+        chunk.clear();
+        let mut more = true;
+        while chunk.len() < LINES_PER_CHUNK {
+            match lines.next_raw()? {
+                None => {
+                    more = false;
+                    break;
+                }
+                Some(line) => chunk.push((line, lines.buf.clone())),
             }
         }
-        Ok(true)
+        let parsed: Vec<(u64, Option<std::result::Result<T, BadReason>>)> =
+            workers.pool.install(|| {
+                chunk
+                    .par_iter()
+                    .map(|(line, raw)| {
+                        let item = match parse_line(raw, kind) {
+                            Ok(None) => None,
+                            Ok(Some(rec)) => Some(map(rec)),
+                            Err(reason) => Some(Err(reason)),
+                        };
+                        (*line, item)
+                    })
+                    .collect()
+            });
+        for (line, item) in parsed {
+            if let Some(item) = item {
+                seen_any = true;
+                f(line, item)?;
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+    match empty_file(seen_any) {
+        Some((line, reason)) => f(line, Err(reason)),
+        None => Ok(()),
     }
 }
 
@@ -405,5 +543,141 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(r, Some(Record::Chat(m)) if m.len() == 2));
+    }
+
+    fn lines_of(path: &Path, kind: Kind) -> Vec<(u64, std::result::Result<Record, BadReason>)> {
+        JsonlReader::open(path, kind)
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
+    /// The same outcomes through the parallel reader.
+    fn parallel_lines_of(
+        path: &Path,
+        kind: Kind,
+    ) -> Vec<(u64, std::result::Result<Record, BadReason>)> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let cancel = AtomicBool::new(false);
+        let workers = Workers {
+            pool: &pool,
+            cancel: &cancel,
+        };
+        let mut out = Vec::new();
+        for_each_record(path, kind, workers, Ok, |line, r| {
+            out.push((line, r));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_of_a_file_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "bom.jsonl",
+            b"\xEF\xBB\xBF{\"text\": \"a\"}\r\n{\"text\": \"b\"}\n\xEF\xBB\xBF{\"text\": \"c\"}\n",
+        );
+        for got in [lines_of(&p, Kind::Text), parallel_lines_of(&p, Kind::Text)] {
+            assert_eq!(got.len(), 3);
+            assert_eq!(got[0], (1, Ok(Record::Text("a".into()))));
+            assert_eq!(got[1], (2, Ok(Record::Text("b".into()))));
+            // Only the file's first bytes: a mark inside the file is bad JSON.
+            assert_eq!(got[2].0, 3);
+            assert_eq!(got[2].1.as_ref().unwrap_err().code(), "invalid_json");
+        }
+        // A file holding only the mark (and blank lines) is empty.
+        let p = write(dir.path(), "only.jsonl", b"\xEF\xBB\xBF\n\n");
+        for got in [lines_of(&p, Kind::Chat), parallel_lines_of(&p, Kind::Chat)] {
+            assert_eq!(got, vec![(0, Err(BadReason::EmptyFile))]);
+        }
+    }
+
+    #[test]
+    fn both_readers_give_the_same_outcomes_and_the_empty_file_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut body = Vec::new();
+        for i in 0..9000 {
+            match i % 5 {
+                0 => body.extend_from_slice(b"   \n"),
+                1 => body.extend_from_slice(b"{oops\n"),
+                _ => body.extend_from_slice(format!("{{\"text\": \"{i}\"}}\n").as_bytes()),
+            }
+        }
+        let p = write(dir.path(), "mixed.jsonl", &body);
+        let seq = lines_of(&p, Kind::Text);
+        assert_eq!(seq.len(), 9000 / 5 * 4);
+        assert_eq!(parallel_lines_of(&p, Kind::Text), seq);
+        for bytes in [&b""[..], b"\n", b"  \n\r\n\t\n"] {
+            let p = write(dir.path(), "empty.jsonl", bytes);
+            assert_eq!(
+                lines_of(&p, Kind::Text),
+                vec![(0, Err(BadReason::EmptyFile))]
+            );
+            assert_eq!(
+                parallel_lines_of(&p, Kind::Text),
+                vec![(0, Err(BadReason::EmptyFile))]
+            );
+        }
+        assert_eq!(empty_file(true), None);
+    }
+
+    fn message(line: &str) -> String {
+        parse_line(line.as_bytes(), Kind::Auto)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn lone_surrogates_are_named_as_such() {
+        assert_eq!(
+            message(r#"{"text": "\ud800"}"#),
+            r"invalid JSON: lone surrogate escape \ud800 at line 1 column 11"
+        );
+        assert_eq!(
+            message(r#"{"text": "ab \uDC00 cd"}"#),
+            r"invalid JSON: lone surrogate escape \udc00 at line 1 column 14"
+        );
+        // A high surrogate followed by something else than a low one.
+        assert!(message(r#"{"text": "\ud83d\u0041"}"#).contains(r"lone surrogate escape \ud83d"));
+        assert!(message(r#"{"text": "\ud83dx"}"#).contains(r"lone surrogate escape \ud83d"));
+        // Two highs: the first is lone.
+        assert!(message(r#"{"text": "\ud83d\ud83d\ude00"}"#).contains("column 11"));
+        // Also where the value would be ignored (an unknown key), under every kind.
+        for kind in [Kind::Text, Kind::Chat, Kind::Auto] {
+            let r = parse_line(br#"{"text": "a", "meta": "\udfff"}"#, kind).unwrap_err();
+            assert_eq!(r.code(), "invalid_json");
+            assert!(
+                r.to_string().contains(r"lone surrogate escape \udfff"),
+                "{r}"
+            );
+        }
+        // An earlier syntax error is reported as itself.
+        let m = message(r#"{"text" "\ud800"}"#);
+        assert!(
+            m.starts_with("invalid JSON") && !m.contains("surrogate"),
+            "{m}"
+        );
+        // Not surrogates: a pair, an escaped backslash before "ud800", other escapes.
+        let ok = |s: &str| parse_line(s.as_bytes(), Kind::Text).unwrap().unwrap();
+        assert_eq!(ok(r#"{"text": "\ud83d\ude00"}"#), Record::Text("😀".into()));
+        assert_eq!(ok(r#"{"text": "\\ud800"}"#), Record::Text(r"\ud800".into()));
+        assert_eq!(
+            ok(r#"{"text": "\u00e9\n\\"}"#),
+            Record::Text("é\n\\".into())
+        );
+        assert_eq!(lone_surrogate(r#""\\\ud800""#), Some((3, 0xD800)));
+        assert_eq!(lone_surrogate(r#""\u12""#), None);
     }
 }

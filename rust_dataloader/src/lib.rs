@@ -10,3 +10,6 @@ pub mod tokenizer;
 pub mod tokenizer_train;
 
 mod python;
+
+#[cfg(test)]
+mod test_support;

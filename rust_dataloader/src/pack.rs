@@ -35,6 +35,17 @@ impl Plan {
 /// Mixed into the seed for the shuffle of packed chat rows (a stream apart from the documents').
 pub const ROW_SALT: u64 = 0xA5A5_A5A5_A5A5_A5A5;
 
+/// splitmix64's increment (the golden ratio in 64 bits).
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// splitmix64's output function.
+#[inline]
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// splitmix64: a tiny, well-mixed generator that the Python reference reproduces exactly.
 pub struct SplitMix64(u64);
 
@@ -44,12 +55,34 @@ impl SplitMix64 {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(GAMMA);
+        mix64(self.0)
     }
+}
+
+/// Mixed into the seed for the validation hold-out (a stream apart from the epoch orders').
+pub const HOLDOUT_SALT: u64 = 0x6A09_E667_F3BC_C909;
+
+/// `h(seed, i)` of contracts.md §3: output number `i + 1` of splitmix64 started from the state
+/// `seed XOR HOLDOUT_SALT`, i.e. `mix64((seed ^ HOLDOUT_SALT) + (i + 1)·GAMMA)` (mod 2^64).
+pub fn holdout_hash(seed: u64, doc: u64) -> u64 {
+    mix64((seed ^ HOLDOUT_SALT).wrapping_add(doc.wrapping_add(1).wrapping_mul(GAMMA)))
+}
+
+/// Document `i` is held out iff `h(seed, i) < holdout · 2^64`; for an integer `h` that is
+/// `h < ceil(holdout · 2^64)`, the value returned (exact: `holdout · 2^64` is an exact f64,
+/// and below 2^64 every f64 from 2^53 up is an integer, so the ceiling fits in a u64).
+pub fn holdout_threshold(holdout: f64) -> u64 {
+    (holdout * 18_446_744_073_709_551_616.0).ceil() as u64
+}
+
+/// The global indices of the documents in one split: `val` = those with
+/// `holdout_hash(seed, i) < threshold`, `train` = the others, in index order.
+pub fn split_documents(n: usize, seed: u64, holdout: f64, val: bool) -> Vec<u32> {
+    let threshold = holdout_threshold(holdout);
+    (0..n as u32)
+        .filter(|&i| (holdout_hash(seed, i as u64) < threshold) == val)
+        .collect()
 }
 
 /// Fisher–Yates permutation of `0..n` for this seed and epoch.
@@ -303,6 +336,42 @@ mod tests {
             perm.clone()
         });
         assert_eq!(direct, plan.reorder(&perm));
+    }
+
+    #[test]
+    fn holdout_hash_is_splitmix64_from_the_salted_seed() {
+        // Output i + 1 of the generator from state seed ^ HOLDOUT_SALT (the definition).
+        for seed in [0u64, 7, u64::MAX] {
+            let mut g = SplitMix64(seed ^ HOLDOUT_SALT);
+            for i in 0..100 {
+                assert_eq!(holdout_hash(seed, i), g.next_u64());
+            }
+        }
+        // Vigna's published first output from state 0 pins the mixing constants.
+        assert_eq!(holdout_hash(HOLDOUT_SALT, 0), 0xE220_A839_7B1D_CDAF);
+    }
+
+    #[test]
+    fn holdout_splits_partition_the_documents_near_the_fraction() {
+        assert_eq!(holdout_threshold(0.0), 0);
+        assert_eq!(holdout_threshold(0.5), 1 << 63);
+        assert_eq!(holdout_threshold(0.25), 1 << 62);
+        // ceil: any fraction above 0 holds out at least the documents with h = 0.
+        assert_eq!(holdout_threshold(f64::MIN_POSITIVE), 1);
+        assert!(holdout_threshold(1.0 - f64::EPSILON) > u64::MAX - 4096);
+        let n = 10_000;
+        for (holdout, seed) in [(0.1, 3u64), (0.5, 0), (0.9, 12345)] {
+            let val = split_documents(n, seed, holdout, true);
+            let train = split_documents(n, seed, holdout, false);
+            let mut all: Vec<u32> = val.iter().chain(&train).copied().collect();
+            all.sort();
+            assert_eq!(all, (0..n as u32).collect::<Vec<_>>());
+            let frac = val.len() as f64 / n as f64;
+            assert!((frac - holdout).abs() < 0.03, "{holdout}: {frac}");
+            assert_ne!(val, split_documents(n, seed + 1, holdout, true));
+        }
+        assert!(split_documents(100, 1, 0.0, true).is_empty());
+        assert_eq!(split_documents(100, 1, 0.0, false).len(), 100);
     }
 
     #[test]

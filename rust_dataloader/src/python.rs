@@ -1,4 +1,5 @@
-//! The PyO3 layer: argument conversion, error mapping, GIL release. No logic of its own.
+//! The PyO3 layer, and the only one: argument conversion, error mapping, GIL release. No
+//! logic of its own.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,13 +9,15 @@ use std::time::Duration;
 use numpy::{IntoPyArray, PyArray1, PyArrayMethods};
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::error::{BadReason, DataError};
-use crate::jsonl::{check_conversation, JsonlReader, Kind, Message, Record};
-use crate::loader::{Loader, LoaderConfig, Prefetcher};
-use crate::pack::Plan;
+use crate::jsonl::{
+    check_conversation, for_each_record, JsonlReader, Kind, Message, Record, Workers,
+};
+use crate::loader::{Cursor, Loader, LoaderConfig, LoaderState, Split};
 use crate::tokenizer::{self, ChatTokenizer as Core};
+use crate::tokenizer_train::{default_max_memory, parse_size, train_bounded, TrainConfig};
 
 pyo3::create_exception!(
     _rust,
@@ -170,7 +173,7 @@ impl ChatTokenizer {
     #[getter]
     fn tag_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        for (tag, ids) in tokenizer::TAGS.iter().zip(self.core.tag_ids()) {
+        for (tag, ids) in tokenizer::REASONING_TAGS.iter().zip(self.core.tag_ids()) {
             d.set_item(tag, ids.clone())?;
         }
         Ok(d)
@@ -335,6 +338,19 @@ fn interruptible<T: Send>(
     })
 }
 
+fn thread_pool(num_threads: Option<usize>) -> Result<rayon::ThreadPool, DataError> {
+    let threads =
+        num_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .map_err(|e| DataError::Config(e.to_string()))
+}
+
+fn bad_line(line: u64, reason: &BadReason) -> BadLine {
+    (line, reason.code().to_owned(), reason.to_string())
+}
+
 /// Validate and measure every line of a file: `(token lengths, [(line, reason code, message)])`.
 /// Unlike the loader it does not stop at the first bad line. Line 0 = the file as a whole.
 #[pyfunction]
@@ -348,33 +364,128 @@ fn scan_file<'py>(
 ) -> PyResult<(Array1<'py, u32>, Vec<BadLine>)> {
     let kind = Kind::parse(kind)?;
     let core = tokenizer.core.clone();
-    let threads =
-        num_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let (lens, bad) = interruptible(py, |cancel| -> Result<_, DataError> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .build()
-            .map_err(|e| DataError::Config(e.to_string()))?;
-        let mut lens = Vec::new();
-        let mut bad = Vec::new();
-        let workers = crate::cache::Workers {
+        let pool = thread_pool(num_threads)?;
+        let (mut lens, mut bad) = (Vec::new(), Vec::new());
+        let workers = Workers {
             pool: &pool,
             cancel,
         };
         crate::cache::for_each_encoded(&path, kind, &core, workers, |line, item| {
             match item {
                 Ok(enc) => lens.push(enc.ids.len() as u32),
-                Err(reason) => bad.push((line, reason.code().to_owned(), reason.to_string())),
+                Err(reason) => bad.push(bad_line(line, &reason)),
             }
             Ok(())
         })?;
-        if lens.is_empty() && bad.is_empty() {
-            let r = BadReason::EmptyFile;
-            bad.push((0, r.code().to_owned(), r.to_string()));
-        }
         Ok((lens, bad))
     })?;
     Ok((lens.into_pyarray(py), bad))
+}
+
+/// Validate every line of a file without a tokenizer (the loader's parser and rules):
+/// `(records, [(line, reason code, message)])`. Line 0 = the file as a whole.
+#[pyfunction]
+#[pyo3(signature = (path, kind, num_threads = None))]
+fn check_file(
+    py: Python<'_>,
+    path: PathBuf,
+    kind: &str,
+    num_threads: Option<usize>,
+) -> PyResult<(u64, Vec<BadLine>)> {
+    let kind = Kind::parse(kind)?;
+    interruptible(py, |cancel| -> Result<_, DataError> {
+        let pool = thread_pool(num_threads)?;
+        let (mut records, mut bad) = (0u64, Vec::new());
+        let workers = Workers {
+            pool: &pool,
+            cancel,
+        };
+        for_each_record(
+            &path,
+            kind,
+            workers,
+            |_| Ok(()),
+            |line, item| {
+                match item {
+                    Ok(()) => records += 1,
+                    Err(reason) => bad.push(bad_line(line, &reason)),
+                }
+                Ok(())
+            },
+        )?;
+        Ok((records, bad))
+    })
+}
+
+/// Train a byte-level BPE on the texts of jsonl `paths` with the process's peak memory
+/// under `max_memory` (bytes, or a string such as "2GB"; `None`: `default_max_memory()`).
+/// Returns `(model_json, stats)`: the BPE model as `tokenizers` serialises it, and a dict
+/// of what the run did (rust_dataloader/src/tokenizer_train/).
+#[pyfunction]
+#[pyo3(signature = (paths, vocab_size, special_tokens, max_memory = None,
+                    on_bad_line = "error", num_threads = None, prune_to = None,
+                    cost_per_entry = None, cost_per_byte = None))]
+#[allow(clippy::too_many_arguments)]
+fn train_bpe_bounded<'py>(
+    py: Python<'py>,
+    paths: Vec<PathBuf>,
+    vocab_size: usize,
+    special_tokens: Vec<String>,
+    max_memory: Option<&Bound<'py, PyAny>>,
+    on_bad_line: &str,
+    num_threads: Option<usize>,
+    prune_to: Option<f64>,
+    cost_per_entry: Option<u64>,
+    cost_per_byte: Option<u64>,
+) -> PyResult<(String, Bound<'py, PyDict>)> {
+    let max_memory = match max_memory {
+        None => default_max_memory(),
+        Some(m) => match m.extract::<u64>() {
+            Ok(n) => n,
+            Err(_) => parse_size(&m.extract::<String>()?)?,
+        },
+    };
+    let mut cfg = TrainConfig::new(vocab_size, special_tokens, max_memory);
+    cfg.skip_bad = parse_policy(on_bad_line)?;
+    cfg.num_threads = num_threads.unwrap_or(0);
+    if let Some(p) = prune_to {
+        if !(0.05..=0.95).contains(&p) {
+            return Err(PyValueError::new_err("prune_to must be in [0.05, 0.95]"));
+        }
+        cfg.prune_to = p;
+    }
+    if let Some(a) = cost_per_entry {
+        cfg.model.per_entry = a;
+    }
+    if let Some(b) = cost_per_byte {
+        cfg.model.per_byte = b;
+    }
+    let out = py.detach(|| train_bounded(&paths, &cfg))?;
+    let s = &out.stats;
+    let d = PyDict::new(py);
+    d.set_item("records", s.records)?;
+    d.set_item("bytes", s.bytes)?;
+    d.set_item("pieces", s.pieces)?;
+    let skipped = PyDict::new(py);
+    for (k, v) in &s.skipped {
+        skipped.set_item(k, v)?;
+    }
+    d.set_item("skipped", skipped)?;
+    d.set_item("base_rss", s.base_rss)?;
+    d.set_item("table_budget", s.table_budget)?;
+    d.set_item("sketch_bytes", s.sketch_bytes)?;
+    d.set_item("prunes", s.prunes)?;
+    d.set_item("prune_rounds", s.prune_rounds)?;
+    d.set_item("cut", s.cut)?;
+    d.set_item("max_threshold", s.max_threshold)?;
+    d.set_item("entries", s.entries)?;
+    d.set_item("table_cost", s.table_cost)?;
+    d.set_item("words", s.words)?;
+    d.set_item("count_secs", s.count_secs)?;
+    d.set_item("train_secs", s.train_secs)?;
+    d.set_item("threads", s.threads)?;
+    Ok((out.model_json, d))
 }
 
 #[pymodule]
@@ -383,13 +494,19 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TextStream>()?;
     m.add_class::<PackedLoader>()?;
     m.add_function(wrap_pyfunction!(scan_file, m)?)?;
-    m.add_function(wrap_pyfunction!(
-        crate::tokenizer_train::train_bpe_bounded,
-        m
-    )?)?;
+    m.add_function(wrap_pyfunction!(check_file, m)?)?;
+    m.add_function(wrap_pyfunction!(train_bpe_bounded, m)?)?;
     m.add("DataFormatError", m.py().get_type::<DataFormatError>())?;
     m.add("TEMPLATE_VERSION", tokenizer::TEMPLATE_VERSION)?;
     m.add("DEFAULT_SYSTEM", tokenizer::DEFAULT_SYSTEM)?;
+    m.add(
+        "SPECIAL_TOKENS",
+        PyTuple::new(m.py(), tokenizer::SPECIAL_TOKENS)?,
+    )?;
+    m.add(
+        "REASONING_TAGS",
+        PyTuple::new(m.py(), tokenizer::REASONING_TAGS)?,
+    )?;
     m.add("BAD_LINE_REASONS", BadReason::CODES.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
@@ -403,39 +520,10 @@ type BatchArrays<'py> = (
     Array2<'py, i64>,
 );
 
-/// The packed batch loader (see docs/architecture.md). Position: `(epoch, batches handed out)`.
+/// The packed batch loader (contracts.md §3). Position: `(epoch, batches handed out)`.
 #[pyclass(module = "spongebob._rust")]
 pub struct PackedLoader {
-    loader: Arc<Loader>,
-    epoch: u64,
-    pos: usize,
-    plan: Option<(u64, Arc<Plan>)>,
-    prefetch: Option<Prefetcher>,
-    depth: usize,
-}
-
-impl PackedLoader {
-    fn plan_for(&mut self, py: Python<'_>, epoch: u64) -> Arc<Plan> {
-        if let Some((e, p)) = &self.plan {
-            if *e == epoch {
-                return p.clone();
-            }
-        }
-        let loader = self.loader.clone();
-        let plan = Arc::new(py.detach(|| loader.plan(epoch)));
-        self.plan = Some((epoch, plan.clone()));
-        plan
-    }
-
-    fn drop_prefetch(&mut self) {
-        if let Some(p) = self.prefetch.take() {
-            if p.pid != std::process::id() {
-                // Inherited through fork: its thread does not exist here and its channel
-                // may hold a lock taken at fork time. Leak it rather than touch it.
-                std::mem::forget(p);
-            }
-        }
-    }
+    cursor: Cursor,
 }
 
 #[pymethods]
@@ -443,7 +531,7 @@ impl PackedLoader {
     #[new]
     #[pyo3(signature = (paths, tokenizer, kind, seq_len, batch_size, seed = 0, rank = 0,
         world_size = 1, think_weight = 1.0, cache_dir = None, on_bad_line = "error",
-        prefetch = 4, num_threads = None))]
+        prefetch = 4, num_threads = None, holdout = 0.0, split = "train"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -460,6 +548,8 @@ impl PackedLoader {
         on_bad_line: &str,
         prefetch: usize,
         num_threads: Option<usize>,
+        holdout: f64,
+        split: &str,
     ) -> PyResult<Self> {
         let cfg = LoaderConfig {
             paths,
@@ -474,60 +564,25 @@ impl PackedLoader {
             skip_bad: parse_policy(on_bad_line)?,
             threads: num_threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            holdout,
+            split: Split::parse(split)?,
         };
         let core = tokenizer.core.clone();
         let loader = interruptible(py, |cancel| Loader::new(cfg, &core, cancel))?;
         Ok(PackedLoader {
-            loader: Arc::new(loader),
-            epoch: 0,
-            pos: 0,
-            plan: None,
-            prefetch: None,
-            depth: prefetch,
+            cursor: Cursor::new(Arc::new(loader), prefetch),
         })
     }
 
     /// The next batch of the current epoch as four [B, T] arrays, or None at its end (the
     /// position then moves to the next epoch).
     fn next_batch<'py>(&mut self, py: Python<'py>) -> PyResult<Option<BatchArrays<'py>>> {
-        let plan = self.plan_for(py, self.epoch);
-        let n = self.loader.batches_in(&plan);
-        if self.pos >= n {
-            self.drop_prefetch();
-            self.epoch += 1;
-            self.pos = 0;
+        let cursor = &mut self.cursor;
+        let Some(batch) = py.detach(|| cursor.next_batch())? else {
             return Ok(None);
-        }
-        let fresh = matches!(&self.prefetch,
-            Some(p) if p.pid == std::process::id() && p.epoch == self.epoch && p.next == self.pos);
-        if !fresh {
-            self.drop_prefetch();
-            self.prefetch = Some(Prefetcher::spawn(
-                self.loader.clone(),
-                plan,
-                self.epoch,
-                self.pos,
-                n,
-                self.depth,
-            )?);
-        }
-        let rx = self.prefetch.as_ref().expect("set above").rx.clone();
-        let got = py.detach(move || rx.recv());
-        let batch = match got {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                // The thread stops after an error: drop it so the next call starts afresh.
-                self.drop_prefetch();
-                return Err(e.into());
-            }
-            Err(_) => {
-                self.drop_prefetch();
-                return Err(PyValueError::new_err("the prefetch thread stopped"));
-            }
         };
-        self.prefetch.as_mut().expect("set above").next += 1;
-        self.pos += 1;
-        let (b, t) = (self.loader.cfg.batch_size, self.loader.cfg.seq_len);
+        let cfg = &self.cursor.loader().cfg;
+        let (b, t) = (cfg.batch_size, cfg.seq_len);
         Ok(Some((
             batch.input_ids.into_pyarray(py).reshape([b, t])?,
             batch.labels.into_pyarray(py).reshape([b, t])?,
@@ -538,22 +593,21 @@ impl PackedLoader {
 
     /// Batches this rank gets in the current epoch.
     fn batches_per_epoch(&mut self, py: Python<'_>) -> usize {
-        let plan = self.plan_for(py, self.epoch);
-        self.loader.batches_in(&plan)
+        let cursor = &mut self.cursor;
+        py.detach(|| cursor.batches_per_epoch())
     }
 
     fn set_epoch(&mut self, epoch: u64) {
-        self.drop_prefetch();
-        self.epoch = epoch;
-        self.pos = 0;
+        self.cursor.set_epoch(epoch);
     }
 
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.cursor.state();
         let d = PyDict::new(py);
-        d.set_item("version", 1)?;
-        d.set_item("epoch", self.epoch)?;
-        d.set_item("batches", self.pos)?;
-        d.set_item("fingerprint", &self.loader.fingerprint)?;
+        d.set_item("version", s.version)?;
+        d.set_item("epoch", s.epoch)?;
+        d.set_item("batches", s.batches)?;
+        d.set_item("fingerprint", s.fingerprint)?;
         Ok(d)
     }
 
@@ -563,28 +617,22 @@ impl PackedLoader {
                 .get_item(k)?
                 .ok_or_else(|| PyValueError::new_err(format!("loader state has no {k:?}")))
         };
-        let fp: String = get("fingerprint")?.extract()?;
-        if fp != self.loader.fingerprint {
-            return Err(PyValueError::new_err(
-                "loader state comes from a different configuration (files, tokenizer, seq_len, \
-                 batch size, seed, rank, world size, think_weight or bad-line policy differ)",
-            ));
-        }
-        let version: u32 = get("version")?.extract()?;
-        if version != 1 {
-            return Err(PyValueError::new_err(format!(
-                "unknown loader state version {version}"
-            )));
-        }
-        self.drop_prefetch();
-        self.epoch = get("epoch")?.extract()?;
-        self.pos = get("batches")?.extract()?;
-        Ok(())
+        let state = LoaderState {
+            fingerprint: get("fingerprint")?.extract()?,
+            version: get("version")?.extract()?,
+            epoch: get("epoch")?.extract()?,
+            batches: get("batches")?.extract()?,
+        };
+        Ok(self.cursor.load_state(&state)?)
     }
 
+    /// documents and tokens of this split (tokens before truncation, or before the dropped
+    /// tail of a text stream), rows of the current epoch, fill = tokens placed in rows /
+    /// (rows × (seq_len + 1)), truncated conversations, skipped lines by reason.
     fn stats<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let plan = self.plan_for(py, self.epoch);
-        let l = &self.loader;
+        let cursor = &mut self.cursor;
+        let plan = py.detach(|| cursor.plan());
+        let l = self.cursor.loader();
         let d = PyDict::new(py);
         let rows = plan.num_rows();
         d.set_item("documents", l.num_docs())?;
@@ -599,7 +647,7 @@ impl PackedLoader {
         d.set_item("fill", fill)?;
         d.set_item("truncated", l.truncated())?;
         d.set_item("batches_per_epoch", l.batches_in(&plan))?;
-        d.set_item("epoch", self.epoch)?;
+        d.set_item("epoch", self.cursor.epoch())?;
         let skipped = PyDict::new(py);
         for (k, v) in l.skipped() {
             skipped.set_item(k, v)?;
@@ -608,8 +656,13 @@ impl PackedLoader {
         Ok(d)
     }
 
+    /// The global document indices (contracts.md §3) of this loader's split, ascending.
+    fn documents<'py>(&self, py: Python<'py>) -> Array1<'py, u32> {
+        self.cursor.loader().split_documents().into_pyarray(py)
+    }
+
     #[getter]
     fn fingerprint(&self) -> &str {
-        &self.loader.fingerprint
+        &self.cursor.loader().fingerprint
     }
 }

@@ -29,8 +29,20 @@ pub const TEMPLATE_VERSION: u32 = 1;
 /// The system prompt used when a conversation does not start with one.
 pub const DEFAULT_SYSTEM: &str = "你是 SpongeBob，一个乐于助人的人工智能助手。";
 
-/// The reasoning tags recognised inside assistant content.
-pub const TAGS: [&str; 4] = ["<think>", "</think>", "<answer>", "</answer>"];
+/// The reasoning tags recognised inside assistant content (contracts.md §2).
+pub const REASONING_TAGS: [&str; 4] = ["<think>", "</think>", "<answer>", "</answer>"];
+
+/// The added tokens of our tokenizer, at ids 0–6: `<unk>` (also padding), `<s>`, `</s>`, then
+/// the reasoning tags. The one definition (Python imports it as `spongebob.data.SPECIAL_TOKENS`).
+pub const SPECIAL_TOKENS: [&str; 7] = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    REASONING_TAGS[0],
+    REASONING_TAGS[1],
+    REASONING_TAGS[2],
+    REASONING_TAGS[3],
+];
 
 /// Per-token training class (stored in the token cache as one byte).
 pub const UNTRAINED: u8 = 0;
@@ -103,7 +115,11 @@ impl ChatTokenizer {
             tok.token_to_id(t)
                 .ok_or_else(|| tok_err(&file, format!("missing special token {t}")))
         };
-        let (unk, bos, eos) = (special("<unk>")?, special("<s>")?, special("</s>")?);
+        let (unk, bos, eos) = (
+            special(SPECIAL_TOKENS[0])?,
+            special(SPECIAL_TOKENS[1])?,
+            special(SPECIAL_TOKENS[2])?,
+        );
         let mut me = ChatTokenizer {
             tok,
             path: file,
@@ -116,7 +132,7 @@ impl ChatTokenizer {
             newline: vec![],
             default_system: vec![],
         };
-        for (i, tag) in TAGS.iter().enumerate() {
+        for (i, tag) in REASONING_TAGS.iter().enumerate() {
             me.tag_ids[i] = match me.tok.token_to_id(tag) {
                 Some(id) => vec![id],
                 None => me.encode_plain(tag)?,
@@ -207,7 +223,7 @@ impl ChatTokenizer {
     fn push_assistant_content(&self, out: &mut Encoded, content: &str) -> Result<()> {
         let mut rest = content;
         while !rest.is_empty() {
-            let next = TAGS
+            let next = REASONING_TAGS
                 .iter()
                 .enumerate()
                 .filter_map(|(i, t)| rest.find(t).map(|pos| (pos, i)))
@@ -220,7 +236,7 @@ impl ChatTokenizer {
                 Some((pos, i)) => {
                     out.push(&self.encode_plain(&rest[..pos])?, TRAINED);
                     out.push(&self.tag_ids[i], TAG);
-                    rest = &rest[pos + TAGS[i].len()..];
+                    rest = &rest[pos + REASONING_TAGS[i].len()..];
                 }
             }
         }
@@ -292,4 +308,210 @@ pub fn render(messages: &[Message], add_generation_prompt: bool) -> String {
         s.push_str("<s>assistant\n");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::tiny_tokenizer;
+
+    /// A piece of the expected encoding: an added token by name, or text encoded by the
+    /// independent plain encoder (the same BPE without added tokens).
+    enum Seg<'a> {
+        Sp(&'a str),
+        Text(&'a str),
+    }
+    use Seg::{Sp, Text};
+
+    fn expected(tok: &ChatTokenizer, plain: &Tokenizer, segs: &[(Seg, u8)]) -> Encoded {
+        let mut e = Encoded::default();
+        for (seg, class) in segs {
+            let ids = match seg {
+                Sp(t) => vec![tok.inner().token_to_id(t).expect("added token")],
+                Text(t) => plain.encode(*t, false).unwrap().get_ids().to_vec(),
+            };
+            e.push(&ids, *class);
+        }
+        e
+    }
+
+    fn msg(role: Role, content: &str) -> Message {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+
+    /// `<s>{role}\n{content}</s>\n` of a turn that is not trained.
+    fn untrained_turn<'a>(role: &'a str, content: &'a str) -> Vec<(Seg<'a>, u8)> {
+        vec![
+            (Sp("<s>"), UNTRAINED),
+            (Text(role), UNTRAINED),
+            (Text(content), UNTRAINED),
+            (Sp("</s>"), UNTRAINED),
+            (Text("\n"), UNTRAINED),
+        ]
+    }
+
+    fn assert_same(got: &Encoded, exp: &Encoded) {
+        assert_eq!(got.ids.len(), exp.ids.len(), "lengths differ");
+        for (i, (g, e)) in got
+            .ids
+            .iter()
+            .zip(&got.classes)
+            .zip(exp.ids.iter().zip(&exp.classes))
+            .enumerate()
+        {
+            assert_eq!(g, e, "token {i}: (id, class)");
+        }
+    }
+
+    const REASONING: &str = "<think>\n思考一下\n</think>\n<answer>\n3\n</answer>";
+
+    fn reasoning_segments(tags_are_tokens: bool) -> Vec<(Seg<'static>, u8)> {
+        let tag = |t: &'static str| if tags_are_tokens { Sp(t) } else { Text(t) };
+        vec![
+            (Sp("<s>"), UNTRAINED),
+            (Text("assistant\n"), UNTRAINED),
+            (tag("<think>"), TAG),
+            (Text("\n思考一下\n"), TRAINED),
+            (tag("</think>"), TAG),
+            (Text("\n"), TRAINED),
+            (tag("<answer>"), TAG),
+            (Text("\n3\n"), TRAINED),
+            (tag("</answer>"), TAG),
+            (Sp("</s>"), TRAINED),
+            (Text("\n"), UNTRAINED),
+        ]
+    }
+
+    #[test]
+    fn classes_of_system_user_and_assistant_turns_with_reasoning_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tok, plain) = tiny_tokenizer(dir.path(), true);
+        let msgs = [
+            msg(Role::System, "你是助手。"),
+            msg(Role::User, "你好，世界！"),
+            msg(Role::Assistant, REASONING),
+        ];
+        let mut segs = untrained_turn("system\n", "你是助手。");
+        segs.extend(untrained_turn("user\n", "你好，世界！"));
+        segs.extend(reasoning_segments(true));
+        let got = tok.encode_conversation(&msgs).unwrap();
+        assert_same(&got, &expected(&tok, &plain, &segs));
+        // Each tag is one token of class 2; the weights follow the classes.
+        assert_eq!(got.classes.iter().filter(|&&c| c == TAG).count(), 4);
+        let w = got.weights(10.0);
+        for (c, w) in got.classes.iter().zip(w) {
+            assert_eq!(w, [0.0, 1.0, 10.0][*c as usize]);
+        }
+        assert_eq!(tok.decode(&got.ids, false).unwrap(), render(&msgs, false));
+    }
+
+    #[test]
+    fn a_conversation_without_a_system_turn_gets_the_default_one_untrained() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tok, plain) = tiny_tokenizer(dir.path(), true);
+        let msgs = [
+            msg(Role::User, "hello world"),
+            msg(Role::Assistant, "the model"),
+            msg(Role::User, "1 + 2"),
+            msg(Role::Assistant, "3"),
+        ];
+        let mut segs = untrained_turn("system\n", DEFAULT_SYSTEM);
+        for (q, a) in [("hello world", "the model"), ("1 + 2", "3")] {
+            segs.extend(untrained_turn("user\n", q));
+            segs.extend([
+                (Sp("<s>"), UNTRAINED),
+                (Text("assistant\n"), UNTRAINED),
+                (Text(a), TRAINED),
+                (Sp("</s>"), TRAINED),
+                (Text("\n"), UNTRAINED),
+            ]);
+        }
+        let got = tok.encode_conversation(&msgs).unwrap();
+        assert_same(&got, &expected(&tok, &plain, &segs));
+        // The prompt is the same history (every token untrained) plus `<s>assistant\n`.
+        let prompt = tok.encode_prompt(&msgs).unwrap();
+        let mut head = got.ids.clone();
+        head.push(tok.bos);
+        head.extend(plain.encode("assistant\n", false).unwrap().get_ids());
+        assert_eq!(prompt, head);
+    }
+
+    #[test]
+    fn literal_specials_and_tags_in_content_stay_plain_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tok, plain) = tiny_tokenizer(dir.path(), true);
+        let user = "a</s>b<s><think>x</think>";
+        let answer = "x </s> y <unk><s>";
+        let msgs = [msg(Role::User, user), msg(Role::Assistant, answer)];
+        let mut segs = untrained_turn("system\n", DEFAULT_SYSTEM);
+        segs.extend(untrained_turn("user\n", user));
+        segs.extend([
+            (Sp("<s>"), UNTRAINED),
+            (Text("assistant\n"), UNTRAINED),
+            (Text(answer), TRAINED),
+            (Sp("</s>"), TRAINED),
+            (Text("\n"), UNTRAINED),
+        ]);
+        let got = tok.encode_conversation(&msgs).unwrap();
+        assert_same(&got, &expected(&tok, &plain, &segs));
+        // One `</s>` and one `<s>` a turn (three turns), no tag token, no `<unk>`.
+        let count = |id: u32| got.ids.iter().filter(|&&i| i == id).count();
+        assert_eq!((count(tok.eos), count(tok.bos), count(tok.unk)), (3, 3, 0));
+        assert!(!got.classes.contains(&TAG));
+    }
+
+    #[test]
+    fn a_tokenizer_without_the_tags_trains_their_plain_tokens_as_class_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tok, plain) = tiny_tokenizer(dir.path(), false);
+        assert!(tok.inner().token_to_id("<think>").is_none());
+        assert!(tok.tag_ids().iter().all(|ids| ids.len() > 1));
+        let msgs = [msg(Role::User, "你好"), msg(Role::Assistant, REASONING)];
+        let mut segs = untrained_turn("system\n", DEFAULT_SYSTEM);
+        segs.extend(untrained_turn("user\n", "你好"));
+        segs.extend(reasoning_segments(false));
+        let got = tok.encode_conversation(&msgs).unwrap();
+        assert_same(&got, &expected(&tok, &plain, &segs));
+        let tag_tokens: usize = tok.tag_ids().iter().map(|t| t.len()).sum();
+        assert_eq!(
+            got.classes.iter().filter(|&&c| c == TAG).count(),
+            tag_tokens
+        );
+    }
+
+    #[test]
+    fn documents_are_bos_untrained_then_text_and_eos_trained() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tok, plain) = tiny_tokenizer(dir.path(), true);
+        for (text, body) in [
+            ("<s>你好，世界！</s>", "你好，世界！"),
+            ("hello world", "hello world"),
+            ("<s><s>x</s></s>", "<s>x</s>"),
+            ("<s>", ""),
+        ] {
+            let segs = [
+                (Sp("<s>"), UNTRAINED),
+                (Text(body), TRAINED),
+                (Sp("</s>"), TRAINED),
+            ];
+            let got = tok.encode_document(text).unwrap();
+            assert_same(&got, &expected(&tok, &plain, &segs));
+            let rec = tok.encode_record(&Record::Text(text.into())).unwrap();
+            assert_eq!(rec, got);
+        }
+    }
+
+    #[test]
+    fn the_special_tokens_are_the_tags_after_the_three_markers() {
+        assert_eq!(&SPECIAL_TOKENS[3..], &REASONING_TAGS);
+        let dir = tempfile::tempdir().unwrap();
+        let (tok, _) = tiny_tokenizer(dir.path(), true);
+        for (i, t) in SPECIAL_TOKENS.iter().enumerate() {
+            assert_eq!(tok.inner().token_to_id(t), Some(i as u32), "{t}");
+        }
+        assert_eq!((tok.unk, tok.bos, tok.eos), (0, 1, 2));
+    }
 }
