@@ -104,15 +104,9 @@ def loader_files(tmp_path_factory) -> dict[str, list[Path]]:
     return {"text": [t1, t2], "chat": [c1, c2]}
 
 
-# --- PackedDataset helpers (the loader tests skip while the extension lacks PackedDataset)
+# --- PackedDataset helpers
 
 _REF_CACHE: dict = {}
-
-
-def packed_dataset_class():
-    import spongebob.data
-
-    return getattr(spongebob.data, "PackedDataset", None)
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +126,16 @@ def make_ref():
             _REF_CACHE[key] = built
         r = ref.RefPacked.__new__(ref.RefPacked)
         r.__dict__.update(_REF_CACHE[key].__dict__)
-        defaults = dict(seq_len=64, batch_size=2, seed=0, rank=0, world_size=1, think_weight=1.0)
+        defaults = dict(
+            seq_len=64,
+            batch_size=2,
+            seed=0,
+            rank=0,
+            world_size=1,
+            think_weight=1.0,
+            holdout=0.0,
+            split="train",
+        )
         for name, value in defaults.items():
             setattr(r, name, kw.get(name, value))
         return r
@@ -143,9 +146,9 @@ def make_ref():
 @pytest.fixture(scope="session")
 def make_ds():
     """make_ds(paths, chat_tokenizer, kind, **kw) → PackedDataset."""
-    cls = packed_dataset_class()
+    from spongebob.data import PackedDataset
 
     def make(paths, tok, kind, **kw):
-        return cls([str(p) for p in paths], tok, kind=kind, **kw)
+        return PackedDataset([str(p) for p in paths], tok, kind=kind, **kw)
 
     return make

@@ -8,6 +8,7 @@ Pieces:
 * `plain_encode`: token ids of a text without matching added tokens.
 * `parse_line` / `read_documents`: jsonl records, validation, the bad-line reason codes.
 * `RefEncoder`: documents and conversations → (ids, classes); classes → weights.
+* `holdout_hash`, `split_documents`: the validation split (which documents a split serves).
 * `epoch_perm`, `text_rows`, `chat_rows`, `row_arrays`, `rank_batches`: the epoch plan.
 * `RefPacked`: all of it together, the reference twin of `PackedDataset`.
 * `random_*` / `write_jsonl`: generated test data (shared by the tests and conftest).
@@ -41,6 +42,7 @@ REASONS = (
 UNTRAINED, TRAINED, TAG = 0, 1, 2
 MASK64 = (1 << 64) - 1
 JSON_WHITESPACE = b" \t\r\n"
+BOM = b"\xef\xbb\xbf"
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +148,8 @@ def read_documents(paths: Sequence, kind: str, on_bad_line: str = "error"):
 
     With `on_bad_line="error"` the first bad line raises `BadLine` carrying path and 1-based
     line number; a file without any record raises `empty_file` (no line). With "skip", bad
-    lines and empty files are counted by reason.
+    lines and empty files are counted by reason. A UTF-8 byte-order mark at the very start of
+    a file is skipped.
     """
     if on_bad_line not in ("error", "skip"):
         raise ValueError(on_bad_line)
@@ -154,6 +157,8 @@ def read_documents(paths: Sequence, kind: str, on_bad_line: str = "error"):
     skipped: Counter = Counter()
     for path in paths:
         data = Path(path).read_bytes()
+        if data.startswith(BOM):
+            data = data[len(BOM) :]
         lines = data.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
@@ -304,6 +309,26 @@ def splitmix64(state: int):
         yield z ^ (z >> 31)
 
 
+HOLDOUT_SALT = 0x6A09E667F3BCC909
+
+
+def holdout_hash(seed: int, i: int) -> int:
+    """h(seed, i) of contracts.md §3: splitmix64's output function applied to
+    (seed XOR HOLDOUT_SALT) + (i + 1) * 0x9E3779B97F4A7C15, all mod 2^64."""
+    z = ((seed ^ HOLDOUT_SALT) + (i + 1) * 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def split_documents(n: int, seed: int, holdout: float, split: str) -> list[int]:
+    """Global indices of the documents of `split`: document i is in "val" iff
+    h(seed, i) < holdout * 2^64 (Python compares the int with the float exactly)."""
+    assert split in ("train", "val"), split
+    assert 0.0 <= holdout < 1.0, holdout
+    return [i for i in range(n) if (holdout_hash(seed, i) < holdout * 2**64) == (split == "val")]
+
+
 def epoch_perm(n: int, seed: int, epoch: int) -> list[int]:
     state = (seed ^ ((epoch * 0xD1B54A32D192ED03) & MASK64)) & MASK64
     rng = splitmix64(state)
@@ -448,21 +473,34 @@ class RefPacked:
         world_size: int = 1,
         think_weight: float = 1.0,
         on_bad_line: str = "error",
+        holdout: float = 0.0,
+        split: str = "train",
     ):
         assert kind in ("text", "chat")
         assert 0 <= rank < world_size
         self.kind, self.seq_len, self.batch_size = kind, seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.think_weight = think_weight
+        self.holdout, self.split = holdout, split
         records, self.skipped = read_documents(paths, kind, on_bad_line)
         enc = RefEncoder(hf_tok, default_system)
-        self.docs = [enc.encode(kind, rec) for rec in records]
+        self.all_docs = [enc.encode(kind, rec) for rec in records]
+
+    def documents(self) -> list[int]:
+        """Global indices of the documents this split serves (all of them with holdout 0)."""
+        return split_documents(len(self.all_docs), self.seed, self.holdout, self.split)
+
+    @property
+    def docs(self) -> list:
+        """The split's documents, numbered 0.. in global order: what the epoch plan shuffles."""
+        return [self.all_docs[i] for i in self.documents()]
 
     def rows(self, epoch: int) -> tuple[list[Row], int]:
-        perm = epoch_perm(len(self.docs), self.seed, epoch)
+        docs = self.docs
+        perm = epoch_perm(len(docs), self.seed, epoch)
         if self.kind == "text":
-            return text_rows(self.docs, perm, self.seq_len), 0
-        return chat_rows(self.docs, perm, self.seq_len, self.seed, epoch)
+            return text_rows(docs, perm, self.seq_len), 0
+        return chat_rows(docs, perm, self.seq_len, self.seed, epoch)
 
     def batches(self, epoch: int = 0) -> list[dict[str, np.ndarray]]:
         rows, _ = self.rows(epoch)

@@ -15,10 +15,6 @@ import pytest
 import reference as ref
 import spongebob.data
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(spongebob.data, "PackedDataset"), reason="PackedDataset not built yet"
-)
-
 U, A = (
     {"role": "user", "content": "问题"},
     {"role": "assistant", "content": "回答"},
@@ -195,3 +191,56 @@ def test_crlf_line_endings_are_accepted(tmp_path, chat_tok, tok_dir, make_ds, ma
     got = list(ds)
     r = make_ref([path], tok_dir, "text", memo=False, seq_len=16, batch_size=2)
     ref.assert_same_batches(got, r.batches(0), "CRLF")
+
+
+@pytest.mark.parametrize("kind", ["text", "chat"])
+def test_a_byte_order_mark_at_the_start_of_a_file_is_skipped(
+    tmp_path, chat_tok, tok_dir, make_ds, make_ref, kind
+):
+    good = _good_lines(kind, 8, seed=5)
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(good) + b"\n")
+    kw = dict(seq_len=32 if kind == "text" else 128, batch_size=2)
+    ds = make_ds([path], chat_tok, kind, **kw)  # error policy: the first line is a record
+    got = list(ds)
+    assert ds.stats()["documents"] == len(good)
+    r = make_ref([path], tok_dir, kind, memo=False, **kw)
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(b"\n".join(good) + b"\n")
+    without = make_ref([plain], tok_dir, kind, memo=False, **kw)
+    assert r.docs == without.docs, "the reference reads the same records with and without it"
+    ref.assert_same_batches(got, r.batches(0), f"{kind} with a BOM")
+
+
+def test_a_byte_order_mark_after_the_first_line_is_bad_json(tmp_path, chat_tok, make_ds):
+    from spongebob.data import DataFormatError
+
+    good = _good_lines("text", 3, seed=6)
+    path = _write(tmp_path / "inner_bom.jsonl", [good[0], b"\xef\xbb\xbf" + good[1], good[2]])
+    with pytest.raises(DataFormatError, match=r"inner_bom\.jsonl:2: invalid JSON"):
+        list(make_ds([path], chat_tok, "text", seq_len=16, batch_size=1))
+
+
+@pytest.mark.parametrize(
+    ("raw", "unit", "column"),
+    [
+        (b'{"text": "lone \\ud800 surrogate"}', "\\ud800", 16),
+        (b'{"text": "\\udc00"}', "\\udc00", 11),
+        (b'{"text": "\\ud83d\\u0041"}', "\\ud83d", 11),
+        (b'{"text": "ok", "meta": "\\uDFFF"}', "\\udfff", 25),
+    ],
+)
+def test_a_lone_surrogate_is_reported_as_such(tmp_path, chat_tok, make_ds, raw, unit, column):
+    from spongebob.data import DataFormatError
+
+    good = _good_lines("text", 3, seed=7)
+    path = _write(tmp_path / "sur.jsonl", [good[0], good[1], raw, good[2]])
+    with pytest.raises(DataFormatError) as err:
+        list(make_ds([path], chat_tok, "text", seq_len=16, batch_size=1))
+    expected = f"{path}:3: invalid JSON: lone surrogate escape {unit} at line 1 column {column}"
+    assert str(err.value) == expected
+    # Skipped, it counts under the stable reason code.
+    ds = make_ds([path], chat_tok, "text", seq_len=16, batch_size=1, on_bad_line="skip")
+    list(ds)
+    assert {k: v for k, v in ds.stats()["skipped"].items() if v} == {"invalid_json": 1}
+    assert ds.stats()["documents"] == 3

@@ -136,3 +136,37 @@ def test_reference_parser_gives_the_reason_codes(line, kind, reason):
 def test_reference_parser_ignores_unknown_keys_and_accepts_surrogate_pairs():
     assert ref.parse_line(b'{"text": "\\ud83d\\ude00", "id": 3}', "text") == "😀"
     assert np.array_equal(ref.class_weights([0, 1, 2], 4.0), np.array([0.0, 1.0, 4.0], np.float32))
+
+
+def test_holdout_hash_is_splitmix64_output_i_plus_1_from_the_salted_seed():
+    for seed in (0, 7, 2**64 - 1):
+        gen = ref.splitmix64(seed ^ ref.HOLDOUT_SALT)
+        assert [ref.holdout_hash(seed, i) for i in range(50)] == [next(gen) for _ in range(50)]
+    assert ref.holdout_hash(ref.HOLDOUT_SALT, 0) == 0xE220A8397B1DCDAF
+
+
+@pytest.mark.parametrize(("holdout", "seed"), [(0.1, 0), (0.5, 3), (0.9, 2**63)])
+def test_split_documents_partition_the_indices_near_the_fraction(holdout, seed):
+    n = 4000
+    val = ref.split_documents(n, seed, holdout, "val")
+    train = ref.split_documents(n, seed, holdout, "train")
+    assert sorted(val + train) == list(range(n))
+    assert abs(len(val) / n - holdout) < 0.03
+    assert ref.split_documents(n, seed, 0.0, "train") == list(range(n))
+    assert ref.split_documents(n, seed, 0.0, "val") == []
+
+
+def test_reference_reader_skips_a_leading_bom_only(tmp_path):
+    p = tmp_path / "b.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
+    with pytest.raises(ref.BadLine) as e:
+        ref.read_documents([p], "text")
+    assert (e.value.reason, e.value.line) == ("invalid_json", 2)
+    records, skipped = ref.read_documents([p], "text", on_bad_line="skip")
+    assert records == ["a"] and skipped == {"invalid_json": 1}
+
+
+def test_reference_rejects_a_lone_surrogate_even_under_an_unknown_key():
+    with pytest.raises(ref.BadLine) as e:
+        ref.parse_line(b'{"text": "a", "meta": "\\udc00"}', "text")
+    assert e.value.reason == "invalid_json"

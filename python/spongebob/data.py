@@ -2,7 +2,8 @@
 
 `ChatTokenizer` renders the chat template and builds loss masks (contracts.md §2); `TextStream`
 streams the texts of jsonl files; `PackedDataset` yields fixed-shape packed batches
-(contracts.md §3).
+(contracts.md §3); `scan_file` / `check_file` validate a file with the loader's own parser.
+`SPECIAL_TOKENS` and `REASONING_TAGS` are defined once, in Rust (rust_dataloader/src/tokenizer.rs).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from typing import Any
 from spongebob._rust import (
     BAD_LINE_REASONS,
     DEFAULT_SYSTEM,
+    REASONING_TAGS,
+    SPECIAL_TOKENS,
     TEMPLATE_VERSION,
     ChatTokenizer,
     DataFormatError,
     PackedLoader,
     TextStream,
+    check_file,
     scan_file,
     train_bpe_bounded,
 )
@@ -27,11 +31,14 @@ from spongebob._rust import (
 __all__ = [
     "BAD_LINE_REASONS",
     "DEFAULT_SYSTEM",
+    "REASONING_TAGS",
+    "SPECIAL_TOKENS",
     "TEMPLATE_VERSION",
     "ChatTokenizer",
     "DataFormatError",
     "PackedDataset",
     "TextStream",
+    "check_file",
     "scan_file",
     "train_bpe_bounded",
 ]
@@ -53,6 +60,12 @@ class PackedDataset:
     its own threads), but it works under them: each worker takes its own share of this rank's
     rows of the current epoch. A mid-epoch position cannot be split across workers, so that
     case is refused; without `cache_dir`, each worker tokenizes into its own temporary cache.
+
+    Validation without a copy of the data: `holdout` (in [0, 1)) holds out that fraction of
+    the documents, chosen by a seeded hash of their global index (contracts.md §3, "Validation
+    split"); `split="train"` serves the others, `split="val"` the held-out ones, each shuffled
+    and packed as usual. Both are part of the fingerprint. A split left without documents is a
+    `ValueError` naming both counts.
     """
 
     def __init__(
@@ -70,6 +83,8 @@ class PackedDataset:
         on_bad_line: str = "error",
         prefetch: int = 4,
         num_threads: int | None = None,
+        holdout: float = 0.0,
+        split: str = "train",
     ) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -89,6 +104,8 @@ class PackedDataset:
             on_bad_line=on_bad_line,
             prefetch=prefetch,
             num_threads=num_threads,
+            holdout=float(holdout),
+            split=split,
         )
         self._loader = PackedLoader(tokenizer=tokenizer, **self._args)
         self.seq_len = seq_len
@@ -144,8 +161,15 @@ class PackedDataset:
         self._loader.load_state_dict(dict(state))
 
     def stats(self) -> dict[str, Any]:
-        """documents, tokens, rows, fill, truncated, skipped (by reason), batches_per_epoch."""
+        """Counts of this split (contracts.md §3 "Stats"): documents; tokens as encoded (before
+        truncation or the dropped tail); rows of the current epoch; used_tokens placed in them;
+        fill = used_tokens / (rows × (seq_len + 1)); truncated conversations; skipped lines by
+        reason (of the whole files); batches_per_epoch; epoch."""
         return dict(self._loader.stats())
+
+    def documents(self) -> list[int]:
+        """The global document indices (contracts.md §3) this split serves, ascending."""
+        return self._loader.documents().tolist()
 
     @property
     def fingerprint(self) -> str:

@@ -2,7 +2,7 @@
 
 Two trainers, one result format (a standard `tokenizer.json`):
 
-* `bounded` (the default): the Rust `train_bpe_bounded` (rust_dataloader/src/tokenizer_train.rs)
+* `bounded` (the default): the Rust `train_bpe_bounded` (rust_dataloader/src/tokenizer_train/)
   counts pre-tokens in a table whose training cost is capped by `max_memory`; when it is full,
   its rarest pieces are cut at their weakest character link (never dropped), then the
   `tokenizers` crate's own BPE trainer runs on the table. Peak memory is set by the flag, not by
@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from spongebob.data import (
     DEFAULT_SYSTEM,
+    SPECIAL_TOKENS,  # defined in Rust; importable from here too
     ChatTokenizer,
     DataFormatError,
     TextStream,
@@ -33,8 +34,6 @@ from spongebob.data import (
 from spongebob.errors import UserError
 
 TRAINERS = ("bounded", "plain")
-
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<think>", "</think>", "<answer>", "</answer>"]
 
 # The Jinja twin of the Rust renderer (rust_dataloader/src/tokenizer.rs). A test renders both.
 CHAT_TEMPLATE = (
@@ -113,7 +112,7 @@ def _train_plain(
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
@@ -140,7 +139,7 @@ def _train_bounded(
         model_json, stats = train_bpe_bounded(
             [str(p) for p in paths],
             vocab_size,
-            SPECIAL_TOKENS,
+            list(SPECIAL_TOKENS),
             max_memory,
             on_bad_line=on_bad_line,
             num_threads=num_threads,
@@ -152,7 +151,7 @@ def _train_bounded(
     model = json.loads(model_json)
     tok = new_tokenizer()
     tok.model = models.BPE(model["vocab"], [tuple(m) for m in model["merges"]])
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     mb = 1 << 20
     log(
         f"read {stats['records']} records ({stats['bytes'] / 1e6:.1f} MB of text, "
