@@ -10,14 +10,19 @@ import numpy as np
 
 from spongebob.errors import UserError
 
+BOM = b"\xef\xbb\xbf"
+
 
 def detect_kind(path: Path) -> str:
-    """ "text" or "chat" from the first record that parses; "chat" when none does."""
+    """ "text" or "chat" from the first record that parses; "chat" when none does. A UTF-8
+    byte-order mark at the start of the file is skipped, as the loader does (contracts.md §1)."""
     with open(path, "rb") as f:
-        for raw in f:
+        for i, raw in enumerate(f):
+            if i == 0 and raw.startswith(BOM):
+                raw = raw[len(BOM) :]
             try:
-                obj = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
+                obj = json.loads(raw.decode("utf-8"))
+            except ValueError:  # also UnicodeDecodeError
                 continue
             if isinstance(obj, dict):
                 return "text" if "text" in obj else "chat"
@@ -25,32 +30,44 @@ def detect_kind(path: Path) -> str:
 
 
 def check_files(
-    paths: list[Path], tokenizer_dir: Path, kind: str | None = None, seq_len: int = 512
+    paths: list[Path],
+    tokenizer_dir: Path | None = None,
+    kind: str | None = None,
+    seq_len: int = 512,
 ) -> tuple[list[dict], list[str]]:
-    """Per-file report (counts, length percentiles, truncation) and every bad line as
-    `file:line: reason`. Chat longer than `seq_len + 1` tokens would be truncated."""
-    from spongebob.data import scan_file
-    from spongebob.tokenizer import load
+    """Per-file report and every bad line as `file:line: reason`, validated by the loader's
+    own Rust parser. The report has records and bad-line counts per file; with a tokenizer also
+    token counts, length percentiles and how many chat records are longer than `seq_len + 1`
+    tokens (they would be truncated)."""
+    from spongebob.data import check_file, scan_file
 
-    tok = load(tokenizer_dir)
+    tok = None
+    if tokenizer_dir is not None:
+        from spongebob.tokenizer import load
+
+        tok = load(tokenizer_dir)
     reports, problems = [], []
     for p in paths:
         if not Path(p).is_file():
             raise UserError(f"{p}: no such file")
         k = kind or detect_kind(p)
-        lens, bad = scan_file(str(p), tok, k)
-        lens = np.asarray(lens, dtype=np.int64)
-        rep = {"file": str(p), "kind": k, "records": int(lens.size), "bad": len(bad)}
-        if lens.size:
-            q = np.percentile(lens, [50, 90, 99])
-            rep.update(
-                tokens=int(lens.sum()),
-                p50=float(q[0]),
-                p90=float(q[1]),
-                p99=float(q[2]),
-                max=int(lens.max()),
-                truncated=int((lens > seq_len + 1).sum()) if k == "chat" else 0,
-            )
+        if tok is None:
+            records, bad = check_file(str(p), k)
+            rep = {"file": str(p), "kind": k, "records": int(records), "bad": len(bad)}
+        else:
+            lens, bad = scan_file(str(p), tok, k)
+            lens = np.asarray(lens, dtype=np.int64)
+            rep = {"file": str(p), "kind": k, "records": int(lens.size), "bad": len(bad)}
+            if lens.size:
+                q = np.percentile(lens, [50, 90, 99])
+                rep.update(
+                    tokens=int(lens.sum()),
+                    p50=float(q[0]),
+                    p90=float(q[1]),
+                    p99=float(q[2]),
+                    max=int(lens.max()),
+                    truncated=int((lens > seq_len + 1).sum()) if k == "chat" else 0,
+                )
         reports.append(rep)
         for line, _code, msg in bad:
             problems.append(f"{p}:{line}: {msg}" if line else f"{p}: {msg}")
@@ -61,9 +78,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("data", help="check jsonl files or generate the demo corpus")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
-    c = dsub.add_parser("check", help="validate every line; token lengths and truncation")
+    c = dsub.add_parser(
+        "check", help="validate every line; with --tokenizer also token lengths and truncation"
+    )
     c.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    c.add_argument("--tokenizer", type=Path, required=True, metavar="DIR")
+    c.add_argument("--tokenizer", type=Path, metavar="DIR", help="also report token statistics")
     c.add_argument("--kind", choices=["text", "chat"], help="default: from the first record")
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -81,12 +100,15 @@ def _cmd_check(args) -> int:
     if args.json:
         print(json.dumps({"files": reports, "bad_lines": problems}, ensure_ascii=False, indent=2))
     else:
-        head = f"{'file':<40} {'kind':<5} {'records':>8} {'bad':>5} {'tokens':>10} "
-        head += f"{'p50':>6} {'p90':>6} {'p99':>6} {'max':>6} {'trunc@' + str(args.seq_len):>10}"
+        tokens = args.tokenizer is not None
+        head = f"{'file':<40} {'kind':<5} {'records':>8} {'bad':>5}"
+        if tokens:
+            head += f" {'tokens':>10} {'p50':>6} {'p90':>6} {'p99':>6} {'max':>6} "
+            head += f"{'trunc@' + str(args.seq_len):>10}"
         print(head)
         for r in reports:
             row = f"{r['file'][-40:]:<40} {r['kind']:<5} {r['records']:>8} {r['bad']:>5} "
-            if r["records"]:
+            if tokens and r["records"]:
                 row += f"{r['tokens']:>10} {r['p50']:>6.0f} {r['p90']:>6.0f} {r['p99']:>6.0f} "
                 row += f"{r['max']:>6} {r['truncated']:>10}"
             print(row)
