@@ -13,11 +13,6 @@ from pathlib import Path
 import pytest
 
 import reference as ref
-import spongebob.data
-
-pytestmark = pytest.mark.skipif(
-    not hasattr(spongebob.data, "PackedDataset"), reason="PackedDataset not built yet"
-)
 
 
 def _cache_files(cache_dir: Path) -> list[Path]:

@@ -13,11 +13,6 @@ from collections import Counter
 import pytest
 
 import reference as ref
-import spongebob.data
-
-pytestmark = pytest.mark.skipif(
-    not hasattr(spongebob.data, "PackedDataset"), reason="PackedDataset not built yet"
-)
 
 TIMEOUT = 90
 
