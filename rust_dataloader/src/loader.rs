@@ -65,7 +65,8 @@ pub struct LoaderConfig {
 
 impl LoaderConfig {
     /// The defaults for everything but the data: seed 0, one rank, `think_weight` 1, a
-    /// temporary cache, bad lines are errors, no hold-out.
+    /// temporary cache, bad lines are errors, no hold-out (for the tests).
+    #[cfg(test)]
     pub fn new(paths: Vec<PathBuf>, kind: Kind, seq_len: usize, batch_size: usize) -> Self {
         LoaderConfig {
             paths,

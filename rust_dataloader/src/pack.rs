@@ -131,7 +131,8 @@ pub fn plan_stream(lens: &[u64], order: &[u32], row_len: u64) -> Plan {
 /// tokens. Documents are taken longest first (ties in `order`), and each goes to the open row
 /// with the least free space that fits it (ties: the row opened first), else to a new row.
 /// Rows come out in opening order, so longest-first; the loader shuffles them as it packs
-/// (`plan_best_fit_in_order`).
+/// (`plan_best_fit_in_order`); this plain form is for the tests.
+#[cfg(test)]
 pub fn plan_best_fit(lens: &[u64], order: &[u32], row_len: u64) -> Plan {
     plan_best_fit_in_order(lens, order, row_len, |rows| (0..rows as u32).collect())
 }

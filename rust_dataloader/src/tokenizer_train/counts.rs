@@ -229,6 +229,7 @@ impl PieceTable {
     }
 
     /// Σ count · len over all entries: invariant under pruning.
+    #[cfg(test)]
     pub fn byte_mass(&self) -> u64 {
         self.shards
             .iter()
@@ -237,6 +238,7 @@ impl PieceTable {
             .sum()
     }
 
+    #[cfg(test)]
     pub fn get(&self, piece: &str) -> u64 {
         self.shards[self.shard_of(piece)]
             .get(piece)
