@@ -80,9 +80,9 @@ class ReasonView:
     def _tag(self, tag: str) -> str:
         self.pending_nl = 0
         self.after_tag = True
-        if tag in ("<think>", "<answer>"):
-            label = THINK_LABEL if tag == "<think>" else ANSWER_LABEL
-            return self._emit(("" if self.line_start else "\n") + label)
+        opening = {TAGS[0]: THINK_LABEL, TAGS[2]: ANSWER_LABEL}  # <think>, <answer>
+        if tag in opening:
+            return self._emit(("" if self.line_start else "\n") + opening[tag])
         return ""
 
     def _plain(self, s: str) -> str:

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spongebob.data import REASONING_TAGS
 from spongebob.errors import UserError
 from spongebob.generate import SamplingConfig, parse_reasoning
 
@@ -224,7 +225,7 @@ def is_reasoning(rec: dict) -> bool:
     if rec.get("mode") == "reason":
         return True
     last = [m["content"] for m in rec["conversations"] if m["role"] == "assistant"]
-    return bool(last) and "<think>" in last[-1]
+    return bool(last) and REASONING_TAGS[0] in last[-1]
 
 
 def split_prompt(rec: dict) -> tuple[list[dict], str | None]:

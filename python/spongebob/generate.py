@@ -25,6 +25,7 @@ from collections.abc import Generator as Generator_
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from spongebob.data import REASONING_TAGS
 from spongebob.errors import UserError
 
 if TYPE_CHECKING:
@@ -327,9 +328,10 @@ class Generator:
 
 # --- reasoning replies ---------------------------------------------------------------------
 
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+TAGS = REASONING_TAGS  # <think> </think> <answer> </answer>, defined by the Rust side
+_THINK, _END_THINK, _ANSWER, _END_ANSWER = (re.escape(t) for t in TAGS)
 _WELL_FORMED = re.compile(
-    r"\A\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*\Z", re.S
+    rf"\A\s*{_THINK}(?P<think>.*?){_END_THINK}\s*{_ANSWER}(?P<answer>.*?){_END_ANSWER}\s*\Z", re.S
 )
 
 
@@ -349,12 +351,12 @@ def parse_reasoning(text: str) -> Reasoning:
     once = all(text.count(t) == 1 for t in TAGS)
     if m and once:
         return Reasoning(m["think"].strip(), m["answer"].strip(), True)
-    think = re.search(r"<think>(.*?)(?:</think>|\Z)", text, re.S)
-    answer = re.search(r"<answer>(.*?)(?:</answer>|\Z)", text, re.S)
+    think = re.search(rf"{_THINK}(.*?)(?:{_END_THINK}|\Z)", text, re.S)
+    answer = re.search(rf"{_ANSWER}(.*?)(?:{_END_ANSWER}|\Z)", text, re.S)
     if answer:
         ans = answer.group(1)
-    elif "</think>" in text:
-        ans = text.split("</think>", 1)[1]
+    elif TAGS[1] in text:
+        ans = text.split(TAGS[1], 1)[1]
     else:
         ans = "" if think else text
     return Reasoning(think.group(1).strip() if think else "", ans.strip(), False)
