@@ -188,13 +188,7 @@ def add_commands(sub) -> None:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--ckpt",
-        required=True,
-        type=Path,
-        metavar="PATH",
-        help="run folder, stage folder, checkpoint dir or file, or exported HF dir",
-    )
+    add_model_args(p)
     p.add_argument("--mode", choices=MODES, default="chat")
     p.add_argument(
         "--history",
@@ -223,18 +217,25 @@ def add_commands(sub) -> None:
         help="non-interactive output as JSON lines (prompt, reply, think, answer)",
     )
     add_sampling_args(p)
+    p.set_defaults(func=_cmd_chat)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Which model (chat, eval) and where it runs: the device and kernels are runtime choices,
+    never read from the checkpoint."""
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="run folder, stage folder, checkpoint dir or file, or exported HF dir",
+    )
     p.add_argument(
         "--tokenizer",
         type=Path,
         metavar="DIR",
         help="tokenizer dir (default: the one stored with the checkpoint)",
     )
-    add_runtime_args(p)
-    p.set_defaults(func=_cmd_chat)
-
-
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """Where the model runs (chat, eval): a runtime choice, never read from the checkpoint."""
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument(
         "--kernels",

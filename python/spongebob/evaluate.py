@@ -387,16 +387,10 @@ def _fmt_ppl(x: float | None) -> str:
 
 def add_commands(sub) -> None:
     """`spongebob eval`."""
-    from spongebob.chat import add_runtime_args, add_sampling_args
+    from spongebob.chat import add_model_args, add_sampling_args
 
     p = sub.add_parser("eval", help="perplexity, answer accuracy and reasoning format")
-    p.add_argument(
-        "--ckpt",
-        required=True,
-        type=Path,
-        metavar="PATH",
-        help="run folder, stage folder, checkpoint dir or file, or exported HF dir",
-    )
+    add_model_args(p)
     p.add_argument("--data", required=True, nargs="+", type=Path, metavar="FILE")
     p.add_argument(
         "--out",
@@ -414,8 +408,6 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     add_sampling_args(p, greedy=True)
-    p.add_argument("--tokenizer", type=Path, metavar="DIR")
-    add_runtime_args(p)
     p.set_defaults(func=_cmd_eval)
 
 
