@@ -5,11 +5,13 @@
 //! must be non-empty, use known roles and contain an assistant turn. Blank lines are passed
 //! over (they are not records). Every rejection carries a [`BadReason`].
 //!
-//! This is the one place that iterates over a file's lines: [`JsonlReader`] (sequential) and
-//! [`for_each_record`] (parsed in parallel chunks, for the cache builder and `data check`)
-//! share the line reader (a UTF-8 byte-order mark at the start of the file is skipped) and the
-//! empty-file rule ([`empty_file`]).
+//! This is the one place that iterates over a file's lines: [`JsonlReader`] (sequential),
+//! [`Texts`] (the texts of many files, for tokenizer training) and [`for_each_record`] (parsed
+//! in parallel chunks, for the cache builder and `data check`) share the line reader (a UTF-8
+//! byte-order mark at the start of the file is skipped) and the empty-file rule
+//! ([`empty_file`]).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -384,6 +386,71 @@ impl Iterator for JsonlReader {
     }
 }
 
+/// The texts of jsonl files, file after file: a pretraining record's text (its document
+/// markers stripped) or every message content of a conversation. What tokenizer training
+/// reads (`TextStream`, the bounded trainer). Bad lines are an error (`skip_bad = false`) or
+/// skipped and counted by reason code.
+pub struct Texts {
+    files: std::collections::VecDeque<PathBuf>,
+    current: Option<JsonlReader>,
+    skip_bad: bool,
+    /// Records read so far.
+    pub records: u64,
+    /// UTF-8 bytes of the texts returned so far.
+    pub bytes: u64,
+    /// Skipped lines (and empty files) by reason code.
+    pub skipped: BTreeMap<&'static str, u64>,
+}
+
+impl Texts {
+    pub fn new(paths: Vec<PathBuf>, skip_bad: bool) -> Self {
+        Texts {
+            files: paths.into(),
+            current: None,
+            skip_bad,
+            records: 0,
+            bytes: 0,
+            skipped: BTreeMap::new(),
+        }
+    }
+
+    /// The texts of the next record; `None` after the last file.
+    pub fn next_record(&mut self) -> Result<Option<Vec<String>>> {
+        loop {
+            let reader = match &mut self.current {
+                Some(r) => r,
+                None => match self.files.pop_front() {
+                    None => return Ok(None),
+                    Some(path) => self.current.insert(JsonlReader::open(&path, Kind::Auto)?),
+                },
+            };
+            match reader.next() {
+                None => self.current = None,
+                Some(Err(e)) => return Err(e),
+                Some(Ok((line, Err(reason)))) => {
+                    if !self.skip_bad {
+                        return Err(DataError::BadLine {
+                            path: reader.path().to_owned(),
+                            line,
+                            reason,
+                        });
+                    }
+                    *self.skipped.entry(reason.code()).or_default() += 1;
+                }
+                Some(Ok((_, Ok(record)))) => {
+                    self.records += 1;
+                    let texts = match record {
+                        Record::Text(t) => vec![strip_document_markers(&t).to_owned()],
+                        Record::Chat(msgs) => msgs.into_iter().map(|m| m.content).collect(),
+                    };
+                    self.bytes += texts.iter().map(|t| t.len() as u64).sum::<u64>();
+                    return Ok(Some(texts));
+                }
+            }
+        }
+    }
+}
+
 /// Where parallel parsing runs: a thread pool, and a flag that asks it to stop.
 #[derive(Clone, Copy)]
 pub struct Workers<'a> {
@@ -679,5 +746,55 @@ mod tests {
         );
         assert_eq!(lone_surrogate(r#""\\\ud800""#), Some((3, 0xD800)));
         assert_eq!(lone_surrogate(r#""\u12""#), None);
+    }
+
+    #[test]
+    fn texts_of_many_files_are_documents_and_message_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(
+            dir.path(),
+            "a.jsonl",
+            "\u{feff}{\"text\": \"<s>你好</s>\"}\n{oops\n\n{\"text\": \"b\"}\n".as_bytes(),
+        );
+        let empty = write(dir.path(), "e.jsonl", b"\n");
+        let c = write(
+            dir.path(),
+            "c.jsonl",
+            br#"{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>x</think>"}]}"#,
+        );
+        let all = || vec![a.clone(), empty.clone(), c.clone()];
+        let mut t = Texts::new(all(), true);
+        let mut got = Vec::new();
+        while let Some(texts) = t.next_record().unwrap() {
+            got.push(texts);
+        }
+        assert_eq!(
+            got,
+            vec![
+                vec!["你好".to_string()],
+                vec!["b".into()],
+                vec!["q".into(), "<think>x</think>".into()]
+            ]
+        );
+        assert_eq!((t.records, t.bytes), (3, 6 + 1 + 1 + 16));
+        let skipped: Vec<_> = t.skipped.iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(skipped, vec![("empty_file", 1), ("invalid_json", 1)]);
+        assert!(t.next_record().unwrap().is_none());
+        // Under the error policy the first bad line stops it, with its file and line.
+        let mut t = Texts::new(all(), false);
+        assert!(t.next_record().unwrap().is_some());
+        match t.next_record() {
+            Err(DataError::BadLine { path, line, .. }) => assert_eq!((path, line), (a.clone(), 2)),
+            r => panic!("{r:?}"),
+        }
+        let mut t = Texts::new(vec![empty.clone()], false);
+        assert!(matches!(
+            t.next_record(),
+            Err(DataError::BadLine {
+                line: 0,
+                reason: BadReason::EmptyFile,
+                ..
+            })
+        ));
     }
 }

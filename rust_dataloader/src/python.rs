@@ -12,9 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::error::{BadReason, DataError};
-use crate::jsonl::{
-    check_conversation, for_each_record, JsonlReader, Kind, Message, Record, Workers,
-};
+use crate::jsonl::{check_conversation, for_each_record, Kind, Message, Texts, Workers};
 use crate::loader::{Cursor, Loader, LoaderConfig, LoaderState, Split};
 use crate::tokenizer::{self, ChatTokenizer as Core};
 use crate::tokenizer_train::{default_max_memory, parse_size, train_bounded, TrainConfig};
@@ -188,56 +186,17 @@ fn to_i32(ids: Vec<u32>) -> Vec<i32> {
 /// lines) in lists of up to `chunk` strings — the feed for tokenizer training.
 #[pyclass(module = "spongebob._rust")]
 pub struct TextStream {
-    files: Vec<PathBuf>,
-    current: Option<JsonlReader>,
-    skip_bad: bool,
+    texts: Texts,
     chunk: usize,
-    skipped: std::collections::BTreeMap<&'static str, u64>,
-    records: u64,
-    bytes: u64,
 }
 
 impl TextStream {
     fn next_chunk(&mut self) -> Result<Option<Vec<String>>, DataError> {
         let mut out = Vec::new();
         while out.len() < self.chunk {
-            if self.current.is_none() {
-                if self.files.is_empty() {
-                    break;
-                }
-                let path = self.files.remove(0);
-                self.current = Some(JsonlReader::open(&path, Kind::Auto)?);
-            }
-            let reader = self.current.as_mut().expect("set above");
-            match reader.next() {
-                None => self.current = None,
-                Some(Err(e)) => return Err(e),
-                Some(Ok((line, Err(reason)))) => {
-                    if !self.skip_bad {
-                        return Err(DataError::BadLine {
-                            path: reader.path().to_owned(),
-                            line,
-                            reason,
-                        });
-                    }
-                    *self.skipped.entry(reason.code()).or_default() += 1;
-                }
-                Some(Ok((_, Ok(record)))) => {
-                    self.records += 1;
-                    match record {
-                        Record::Text(t) => {
-                            let t = crate::jsonl::strip_document_markers(&t).to_owned();
-                            self.bytes += t.len() as u64;
-                            out.push(t);
-                        }
-                        Record::Chat(msgs) => {
-                            for m in msgs {
-                                self.bytes += m.content.len() as u64;
-                                out.push(m.content);
-                            }
-                        }
-                    }
-                }
+            match self.texts.next_record()? {
+                None => break,
+                Some(texts) => out.extend(texts),
             }
         }
         Ok(if out.is_empty() { None } else { Some(out) })
@@ -250,13 +209,8 @@ impl TextStream {
     #[pyo3(signature = (paths, on_bad_line = "error", chunk = 1024))]
     fn new(paths: Vec<PathBuf>, on_bad_line: &str, chunk: usize) -> PyResult<Self> {
         Ok(TextStream {
-            files: paths,
-            current: None,
-            skip_bad: parse_policy(on_bad_line)?,
+            texts: Texts::new(paths, parse_policy(on_bad_line)?),
             chunk: chunk.max(1),
-            skipped: Default::default(),
-            records: 0,
-            bytes: 0,
         })
     }
 
@@ -274,10 +228,10 @@ impl TextStream {
     /// Records read so far, text bytes, and skipped lines by reason.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item("records", self.records)?;
-        d.set_item("bytes", self.bytes)?;
+        d.set_item("records", self.texts.records)?;
+        d.set_item("bytes", self.texts.bytes)?;
         let skipped = PyDict::new(py);
-        for (k, v) in &self.skipped {
+        for (k, v) in &self.texts.skipped {
             skipped.set_item(k, v)?;
         }
         d.set_item("skipped", skipped)?;

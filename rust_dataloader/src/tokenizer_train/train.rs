@@ -15,7 +15,7 @@ use tokenizers::AddedToken;
 use super::counts::{BigramSketch, CostModel, LocalCounts, PieceTable};
 use super::pretokenize::split_re;
 use crate::error::{DataError, Result};
-use crate::jsonl::{strip_document_markers, JsonlReader, Kind, Record};
+use crate::jsonl::Texts;
 
 /// Options of one bounded training run.
 #[derive(Debug, Clone)]
@@ -141,66 +141,34 @@ fn read_texts(
     tx: crossbeam_channel::Sender<Result<Vec<String>>>,
     stats: &mut TrainStats,
 ) {
+    let mut texts = Texts::new(paths.to_vec(), skip_bad);
     let mut batch = Vec::new();
     let mut size = 0;
-    for path in paths {
-        let reader = match JsonlReader::open(path, Kind::Auto) {
-            Ok(r) => r,
+    loop {
+        match texts.next_record() {
             Err(e) => {
                 let _ = tx.send(Err(e));
                 return;
             }
-        };
-        for item in reader {
-            let (line, rec) = match item {
-                Ok(x) => x,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            let rec = match rec {
-                Ok(r) => r,
-                Err(reason) if skip_bad => {
-                    *stats.skipped.entry(reason.code()).or_default() += 1;
-                    continue;
-                }
-                Err(reason) => {
-                    let _ = tx.send(Err(DataError::BadLine {
-                        path: path.clone(),
-                        line,
-                        reason,
-                    }));
-                    return;
-                }
-            };
-            stats.records += 1;
-            match rec {
-                Record::Text(t) => {
-                    let t = strip_document_markers(&t);
-                    size += t.len();
-                    batch.push(t.to_owned());
-                }
-                Record::Chat(msgs) => {
-                    for m in msgs {
-                        size += m.content.len();
-                        batch.push(m.content);
-                    }
-                }
+            Ok(None) => break,
+            Ok(Some(record)) => {
+                size += record.iter().map(|t| t.len()).sum::<usize>();
+                batch.extend(record);
             }
-            if size >= chunk_bytes {
-                stats.bytes += size as u64;
-                size = 0;
-                if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
-                    return; // the consumer stopped (it failed)
-                }
+        }
+        if size >= chunk_bytes {
+            size = 0;
+            if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
+                return; // the consumer stopped (it failed)
             }
         }
     }
-    stats.bytes += size as u64;
     if !batch.is_empty() {
         let _ = tx.send(Ok(batch));
     }
+    stats.records = texts.records;
+    stats.bytes = texts.bytes;
+    stats.skipped = texts.skipped;
 }
 
 /// Count the pre-tokens of `paths` within the budget of `cfg` (the counting phase alone).
