@@ -556,6 +556,10 @@ def test_val_split_writes_no_copy_of_the_data_and_validates_on_held_out_document
     # The resume state and the fingerprint know the split: a run with another split is refused.
     meta = json.loads((r.final / "config.json").read_text())
     assert meta["train"]["val_split"] == 0.25
+    # A split that leaves one side empty is a one-line user error, not a traceback.
+    tiny = write_lines(tmp_path / "two.jsonl", 2, seed=3)
+    with pytest.raises(UserError, match="validation documents"):
+        train(small("pretrain", tiny, tmp_path / "c", tok_dir, val_split=0.01))
 
 
 def test_training_validation_equals_spongebob_eval_on_the_same_file_and_checkpoint(

@@ -212,7 +212,7 @@ def _loaders(cfg: TrainConfig, rt: Runtime, tok, factory: Callable):
     # With a shared cache dir, rank 0 builds the token cache first; the others then open it.
     if rt.distributed and not rt.is_main and cfg.cache_dir:
         rt.barrier()
-    ds = factory(data, tok, **kw, **split)
+    ds = _build(factory, data, tok, **kw, **split)
     if rt.distributed and rt.is_main and cfg.cache_dir:
         rt.barrier()
     stats = ds.stats() if hasattr(ds, "stats") else {}
@@ -224,15 +224,27 @@ def _loaders(cfg: TrainConfig, rt: Runtime, tok, factory: Callable):
     if len(ds) == 0:
         raise UserError("the training data gives no batches (too little data for one row?)")
     if cfg.val_split:
-        val = factory(data, tok, **kw, holdout=cfg.val_split, split="val")
+        val = _build(factory, data, tok, **kw, holdout=cfg.val_split, split="val")
     elif eval_paths:
         # Seed 0: the same rows as `spongebob eval` of that file (contracts.md §6).
-        val = factory(eval_paths, tok, **{**kw, "seed": 0})
+        val = _build(factory, eval_paths, tok, **{**kw, "seed": 0})
     elif cfg.eval_every:
         raise UserError("--eval-every needs --eval-data FILE or --val-split F")
     else:
         val = None
     return ds, val
+
+
+def _build(factory: Callable, paths: list[str], tok, **kw):
+    """A loader; its refusals (bad data, a split without documents) become one-line errors."""
+    from spongebob.data import DataFormatError
+
+    try:
+        return factory(paths, tok, **kw)
+    except DataFormatError:
+        raise
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 # --- set-up ----------------------------------------------------------------------------------
