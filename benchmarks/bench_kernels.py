@@ -1,7 +1,8 @@
 """Kernel benchmark: SpongeBob's Triton RMSNorm, RoPE and fused linear + cross-entropy against
 PyTorch eager (the reference ops), `torch.compile` of the same reference, PyTorch's own fused
 ops (`F.rms_norm`, chunked `F.linear_cross_entropy` where present) and Liger-Kernel when it is
-installed; plus a whole training step of the model with `triton` vs `torch` kernels.
+installed (the JSON's meta.liger says whether it ran, or why not); plus a whole training step
+of the model with `triton` vs `torch` kernels.
 
     python benchmarks/bench_kernels.py                    # full run (GPU), a few minutes
     python benchmarks/bench_kernels.py --quick            # training shapes only
@@ -311,6 +312,24 @@ def _liger():
     return liger
 
 
+def liger_status(device: torch.device) -> dict:
+    """Whether the Liger baselines ran, and if not, why (recorded in the JSON)."""
+    try:
+        import liger_kernel  # noqa: F401
+        from liger_kernel.transformers import functional  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return {"used": False, "reason": f"liger-kernel not importable: {type(e).__name__}: {e}"}
+    try:
+        from importlib.metadata import version
+
+        ver = version("liger-kernel")
+    except Exception:
+        ver = None
+    if device.type != "cuda":
+        return {"used": False, "version": ver, "reason": "Liger's kernels need CUDA"}
+    return {"used": True, "version": ver}
+
+
 def _compiled(fn: Callable, enabled: bool) -> list[Impl]:
     if not enabled:
         return []
@@ -455,9 +474,22 @@ def linear_ce_problem(rows, dim, vocab, dtype, device, ops, args) -> Problem:
 # --- whole training step ---------------------------------------------------------------------
 
 
+def new_model(cfg, kernels: str, attention: str):
+    """SpongeBob with these runtime choices, whichever way this version takes them (the
+    constructor's keywords, or ModelConfig fields before the runtime split)."""
+    import inspect
+    from dataclasses import replace
+
+    from spongebob.model import SpongeBob
+
+    if "kernels" in inspect.signature(SpongeBob.__init__).parameters:
+        return SpongeBob(cfg, kernels=kernels, attention=attention)
+    return SpongeBob(replace(cfg, kernels=kernels, attention=attention))
+
+
 def model_step(kernels: str, batch: int, seq: int, steps: int, device, smoke: bool) -> dict:
     """Median step time (fwd + bwd + AdamW) of the tutorial model under bf16 autocast."""
-    from spongebob.model import ModelConfig, SpongeBob, preset
+    from spongebob.model import ModelConfig, preset
 
     if smoke:
         cfg = ModelConfig(
@@ -468,13 +500,12 @@ def model_step(kernels: str, batch: int, seq: int, steps: int, device, smoke: bo
             n_kv_heads=2,
             ffn_dim=128,
             max_seq_len=256,
-            kernels=kernels,
-            attention="sdpa",
         )
     else:
-        cfg = preset("spongebob", kernels=kernels)
+        cfg = preset("spongebob")
     torch.manual_seed(0)
-    model = SpongeBob(cfg).to(device).train()
+    attention = "sdpa" if smoke else "auto"
+    model = new_model(cfg, kernels, attention).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, cfg.vocab_size, (batch, seq), generator=g)
@@ -721,6 +752,10 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "peak_bandwidth_gbps": peak,
+            "liger": liger_status(device),
+            "f_linear_cross_entropy": hasattr(F, "linear_cross_entropy"),
+            "f_rms_norm": hasattr(F, "rms_norm"),
+            "compile_baseline": args.compile,
             "reps": args.reps,
             "l2_flushed": device.type == "cuda",
         },

@@ -1,37 +1,59 @@
-"""Training throughput: packed batches (ours) vs the tutorial's padded batches, same model.
+"""Training-step throughput of the product against a plain PyTorch loop on padded batches.
 
-The tutorial puts one document (or conversation) per row and pads it to `seq_len`; we pack
-several into a row with block-diagonal attention. Both runs below train the same model on the
-same synthetic documents (lengths drawn like SFT conversations: log-normal, most far shorter
-than `seq_len`) with the same batch shape, so the difference is how many *trained* tokens each
-step carries. We report tokens/s (all positions), trained tokens/s and their ratio, and on CUDA
-the model FLOPs utilisation (MFU) from the PaLM formula 6·N + 12·L·dim·T per token.
+What is timed is the product's own step: `spongebob.train.train` (the real loop, the Rust
+loader packing a generated chat corpus, the model with the chosen kernels and attention) runs
+for a few windows of `--window` steps, and tokens/s come from the `metrics.jsonl` it writes (the
+first window, which holds the warm-up and any compilation, is dropped). The baseline is the
+tutorial's (MiniMind's) way: one conversation per row padded to `seq_len`, plain causal
+attention, full `[B, T, vocab]` logits into `F.cross_entropy`, AdamW, eager PyTorch ops, on
+the same conversations with the same loss mask (pre-tokenized before timing, which favours
+the baseline: MiniMind tokenizes in `__getitem__`).
 
-    python benchmarks/bench_train.py                       # tiny preset on CPU
-    python benchmarks/bench_train.py --preset spongebob --device cuda --seq-len 512 --batch-size 84
+    python benchmarks/bench_train.py                          # CPU: spongebob preset, 4 × 512
+    python benchmarks/bench_train.py --device cuda --shapes 84x512 28x1024 \
+        --variants torch-sdpa torch-compile triton-flex padded
 
-Prints a table and writes JSON (default benchmarks/results/bench_train-<device>.json).
+Variants (each run in its own subprocess, so peak memory is its own):
+
+* `torch-sdpa`    train(): PyTorch reference ops, SDPA with the block-diagonal boolean mask
+* `torch-compile` train(): the same under `torch.compile`
+* `triton-flex`   train(): the Triton kernels and FlexAttention (the CUDA default)
+* `triton-sdpa`   train(): the Triton kernels with SDPA (FlexAttention has no backward on CPU)
+* `padded`        the MiniMind-style eager loop
+
+Reported per shape and variant: tokens/s (all B·T positions), trained tokens/s (labels ≠
+−100), fill, MFU (from metrics.jsonl when the trainer reports it, else 6·N + 12·L·dim·T FLOPs
+per token over the GPU's dense bf16 peak; none on CPU), peak memory (CUDA allocator peak, or
+the process's peak RSS on CPU), and the ratios against `padded` and `torch-sdpa` within the
+same run (these machines are noisy: compare within a run). Prints a table and writes JSON
+with machine info (default benchmarks/results/bench_train-<device>.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
-import math
-import platform
+import os
 import random
-import statistics
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-from spongebob.model import PRESETS, SpongeBob, format_params
+from machine import machine_info, peak_mb, rss_mb  # noqa: E402
 
-# Peak dense bf16 TFLOP/s by GPU name fragment (for MFU).
+# Dense bf16 tensor-core peak TFLOP/s by GPU name fragment (no sparsity); fp32 runs use TF32,
+# counted as half of it. Only a fallback: the trainer's own "mfu" is used when it has one.
 PEAK_TFLOPS = {
     "H200": 989.0,
+    "H100 PCIe": 756.0,
     "H100": 989.0,
     "A100": 312.0,
     "4090": 165.2,
@@ -42,245 +64,543 @@ PEAK_TFLOPS = {
     "V100": 125.0,
 }
 
-
-def synthetic_docs(n: int, seq_len: int, vocab: int, seed: int, median_frac: float) -> list:
-    """Token lists with log-normal lengths (median `median_frac`·seq_len, capped at seq_len+1)."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n):
-        length = int(rng.lognormvariate(math.log(median_frac * seq_len), 0.6))
-        length = max(8, min(seq_len + 1, length))
-        docs.append([1] + [rng.randrange(7, vocab) for _ in range(length - 2)] + [2])
-    return docs
+VARIANTS = {
+    "torch-sdpa": {"kernels": "torch", "attention": "sdpa", "compile": False},
+    "torch-compile": {"kernels": "torch", "attention": "sdpa", "compile": True},
+    "triton-flex": {"kernels": "triton", "attention": "flex", "compile": False},
+    "triton-sdpa": {"kernels": "triton", "attention": "sdpa", "compile": False},
+    "padded": None,
+}
+PADDED_RUNTIME = {"kernels": "torch", "attention": "sdpa", "compile": False}  # (eager PyTorch)
 
 
-def padded_batches(docs, seq_len: int, batch: int):
-    """The tutorial's layout: one document per row, padded with 0, plain causal attention."""
-    rows = []
-    for d in docs:
-        ids = d[: seq_len + 1] + [0] * (seq_len + 1 - min(len(d), seq_len + 1))
-        n = min(len(d), seq_len + 1)
-        labels = [ids[t + 1] if t + 1 < n else -100 for t in range(seq_len)]
-        rows.append((ids[:seq_len], labels, None))
-    return _stack(rows, batch)
+def new_model(cfg, kernels: str = "auto", attention: str = "auto"):
+    """SpongeBob with the given runtime choices, whichever way this version takes them (the
+    constructor's keywords, or fields of ModelConfig before the runtime split)."""
+    import inspect
+
+    from spongebob.model import SpongeBob
+
+    if "kernels" in inspect.signature(SpongeBob.__init__).parameters:
+        return SpongeBob(cfg, kernels=kernels, attention=attention)
+    return SpongeBob(replace(cfg, kernels=kernels, attention=attention))
 
 
-def packed_batches(docs, seq_len: int, batch: int):
-    """Our layout: best-fit packing into rows of seq_len+1, positions restart per document."""
-    T1 = seq_len + 1
-    open_rows: list = []
-    for d in docs:
-        d = d[:T1]
-        fits = [r for r in open_rows if T1 - len(r[0]) >= len(d)]
-        row = min(fits, key=lambda r: T1 - len(r[0])) if fits else None
-        if row is None:
-            row = ([], [])
-            open_rows.append(row)
-        row[0].extend(d)
-        row[1].extend(range(len(d)))
-    rows = []
-    for ids, pos in open_rows:
-        real = len(ids)
-        ids = ids + [0] * (T1 - real)
-        pos = pos + [0] * (T1 - real)
-        labels = [ids[t + 1] if t + 1 < real and pos[t + 1] != 0 else -100 for t in range(seq_len)]
-        rows.append((ids[:seq_len], labels, pos[:seq_len]))
-    return _stack(rows, batch)
+def flops_per_token(model, seq_len: int) -> float:
+    """6·N + 12·L·dim·T (PaLM's count: every weight does 6 FLOPs per token forward + backward,
+    plus the attention scores over a full causal row)."""
+    if hasattr(model, "flops_per_token"):
+        return float(model.flops_per_token(seq_len))
+    c = model.config
+    return 6.0 * model.num_parameters() + 12.0 * c.n_layers * c.dim * seq_len
 
 
-def _stack(rows, batch: int):
+def peak_flops(device, dtype) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if tflops is None:
+        return None
+    return tflops * 1e12 * (1.0 if dtype == torch.bfloat16 else 0.5)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def prepare_data(work: Path, corpus_mb: float, vocab: int, tokenizer: str | None) -> dict:
+    """A generated Chinese-heavy chat corpus (benchmarks/corpus.py) and a tokenizer trained on
+    it (or the one given). Reused when already in `work`."""
+    from corpus import ChineseCorpus, write_jsonl
+
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / f"chat-{corpus_mb:g}mb.jsonl"
+    if not data.is_file():
+        write_jsonl(data, corpus_mb, ChineseCorpus(1).conversation)
+    if tokenizer is None:
+        tok_dir = work / f"tok-{vocab}"
+        if not (tok_dir / "tokenizer.json").is_file():
+            from spongebob.tokenizer import train_tokenizer
+
+            train_tokenizer([data], tok_dir, vocab_size=vocab, show_progress=False)
+        tokenizer = str(tok_dir)
+    return {"data": str(data), "tokenizer": str(tokenizer)}
+
+
+# --- workers (one subprocess per measurement) -------------------------------------------------
+
+
+def _device_and_dtype(spec):
+    import torch
+
+    name = spec["device"]
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    dtype = spec["dtype"]
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+
+
+def _windows(records: list[dict], tokens_per_window: int) -> list[dict]:
+    """Per logged window: its seconds, tokens, trained tokens and MFU (when logged)."""
     out = []
-    for i in range(0, len(rows) - batch + 1, batch):
-        chunk = rows[i : i + batch]
-        ids = torch.tensor([r[0] for r in chunk])
-        labels = torch.tensor([r[1] for r in chunk])
-        pos = None if chunk[0][2] is None else torch.tensor([r[2] for r in chunk])
+    for r in records:
+        seconds = tokens_per_window / r["tokens_per_s"]
         out.append(
             {
-                "input_ids": ids,
-                "labels": labels,
-                "position_ids": pos,
-                "loss_weights": (labels != -100).float(),
+                "step": r["step"],
+                "seconds": seconds,
+                "tokens": tokens_per_window,
+                "trained": r["trained_tokens_per_s"] * seconds,
+                "mfu": r.get("mfu"),
+                "loss": r.get("loss"),
             }
         )
     return out
 
 
-def run(model, opt, batches, steps: int, device, dtype) -> dict:
-    """Time `steps` optimizer steps (one micro-batch each) after one warm-up step."""
-    ac = (
-        torch.autocast(device.type, dtype=dtype)
-        if dtype != torch.float32
-        else torch.autocast(device.type, enabled=False)
+def worker_product(spec: dict) -> dict:
+    """train() for warm-up + timed windows; throughput read back from metrics.jsonl."""
+    import torch
+
+    import spongebob.model as model_mod
+    from spongebob.config import stage_config
+    from spongebob.train import train
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device, _ = _device_and_dtype(spec)
+    # Which op set and attention path the trainer really ran (a runtime choice that is easy
+    # to lose on the way from the config to the model): record what the model asked for.
+    seen = {"ops": [], "flex_masks": 0, "dense_masks": 0}
+    get_ops, flex_mask, dense_mask = (
+        model_mod.get_ops,
+        model_mod.flex_block_mask,
+        model_mod.block_causal_mask,
     )
-    tokens = trained = 0
 
-    def step(b):
-        b = {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in b.items()}
-        n = (b["labels"] != -100).sum().clamp_min(1).float()
-        with ac:
-            loss = model(
-                b["input_ids"],
-                b["position_ids"],
-                labels=b["labels"],
-                loss_weights=b["loss_weights"],
-                normalizer=n,
-            )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    def get_ops_spy(*a, **k):
+        ops = get_ops(*a, **k)
+        seen["ops"].append(ops.name)
+        return ops
 
-    step(batches[0])
+    def flex_spy(*a, **k):
+        seen["flex_masks"] += 1
+        return flex_mask(*a, **k)
+
+    def dense_spy(*a, **k):
+        seen["dense_masks"] += 1
+        return dense_mask(*a, **k)
+
+    model_mod.get_ops = get_ops_spy
+    if not spec["compile"]:  # (under torch.compile the spies would be traced, not called)
+        model_mod.flex_block_mask, model_mod.block_causal_mask = flex_spy, dense_spy
+    K, R = spec["window"], spec["windows"]
+    out_dir = Path(spec["run_dir"])
+    cfg = stage_config(
+        "sft",
+        data=[spec["data"]],
+        out=str(out_dir),
+        tokenizer=spec["tokenizer"],
+        preset=spec["preset"],
+        init="none",
+        max_steps=K * (R + 1),
+        batch_size=spec["batch"],
+        accum=1,
+        seq_len=spec["seq_len"],
+        device=spec["device"],
+        dtype=spec["dtype"],
+        kernels=spec["kernels"],
+        attention=spec["attention"],
+        compile=spec["compile"],
+        seed=0,
+        save_every=10**9,
+        log_every=K,
+        progress=False,
+        cache_dir=spec["cache_dir"],
+    )
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    for i in range(steps):
-        b = batches[(i + 1) % len(batches)]
-        step(b)
-        tokens += b["input_ids"].numel()
-        trained += int((b["labels"] != -100).sum())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    out = {
-        "seconds": dt,
-        "tokens_per_s": tokens / dt,
-        "trained_tokens_per_s": trained / dt,
-        "fill": trained / tokens,
+    train(cfg)
+    wall = time.perf_counter() - t0
+    peak_cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    records = [
+        json.loads(line)
+        for line in (out_dir / "sft" / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    records = [r for r in records if r.get("tokens_per_s") and "event" not in r]
+    windows = _windows(records, K * spec["batch"] * spec["seq_len"])
+    timed = windows[1:]
+    secs = sum(w["seconds"] for w in timed)
+    res = {
+        "tokens_per_s": sum(w["tokens"] for w in timed) / secs,
+        "trained_tokens_per_s": sum(w["trained"] for w in timed) / secs,
+        "timed_steps": K * len(timed),
+        "timed_seconds": secs,
+        "warmup_seconds": windows[0]["seconds"],
+        "loss_first_window": windows[0]["loss"],
+        "loss_last_window": windows[-1]["loss"],
+        "windows": windows,
+        "wall_s": wall,
+        "peak_mem_mb": peak_cuda,
+        "peak_rss_mb": peak_mb(rss_mb()),
+        "kernels_used": seen["ops"][-1] if seen["ops"] else None,
+        "attention_used": (
+            None
+            if spec["compile"]
+            else "flex"
+            if seen["flex_masks"] and not seen["dense_masks"]
+            else "sdpa"
+            if seen["dense_masks"] and not seen["flex_masks"]
+            else f"flex {seen['flex_masks']} / sdpa {seen['dense_masks']} masks"
+        ),
     }
+    res["fill"] = res["trained_tokens_per_s"] / res["tokens_per_s"]
+    if all(w["mfu"] is not None for w in timed):
+        res["mfu"] = sum(w["mfu"] * w["seconds"] for w in timed) / secs
+        res["mfu_source"] = "metrics.jsonl"
+    shutil.rmtree(out_dir, ignore_errors=True)  # the checkpoint (weights + optimizer) is large
+    return res
+
+
+def padded_rows(data: str, tokenizer, seq_len: int, n_rows: int, seed: int) -> list:
+    """One conversation per row (shuffled, as MiniMind's DataLoader does), truncated to
+    seq_len + 1 tokens and padded with 0; labels are the next token where it is trained
+    (the same mask the loader builds, contracts.md §2), else −100."""
+    convs = [json.loads(line)["conversations"] for line in open(data, encoding="utf-8")]
+    random.Random(seed).shuffle(convs)
+    rows = []
+    for i in range(n_rows):
+        ids, weights = tokenizer.encode_conversation(convs[i % len(convs)])
+        ids, weights = list(ids[: seq_len + 1]), list(weights[: seq_len + 1])
+        n = len(ids)
+        x = ids[:seq_len] + [0] * (seq_len - min(n, seq_len))
+        y = [ids[t + 1] if t + 1 < n and weights[t + 1] > 0 else -100 for t in range(seq_len)]
+        rows.append((x, y))
+    return rows
+
+
+def worker_padded(spec: dict) -> dict:
+    """The MiniMind-style step: padded rows, full logits, F.cross_entropy, AdamW, eager."""
+    import torch
+    import torch.nn.functional as F
+
+    from spongebob.model import PRESETS
+    from spongebob.tokenizer import load
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device, dtype = _device_and_dtype(spec)
     if device.type == "cuda":
-        out["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer does
+        torch.backends.cudnn.allow_tf32 = True
+    tok = load(spec["tokenizer"])
+    K, R, B, T = spec["window"], spec["windows"], spec["batch"], spec["seq_len"]
+    n_steps = K * (R + 1)
+    rows = padded_rows(spec["data"], tok, T, n_steps * B, seed=0)
+    batches = []
+    for s in range(n_steps):
+        chunk = rows[s * B : (s + 1) * B]
+        batches.append((torch.tensor([r[0] for r in chunk]), torch.tensor([r[1] for r in chunk])))
+    cfg = replace(PRESETS[spec["preset"]], vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    model = new_model(cfg, kernels="torch", attention="sdpa").to(device).train()
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=5e-4,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        fused=device.type == "cuda",
+    )
+    amp = dtype != torch.float32
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    windows = []
+    losses = []
+    t_all = time.perf_counter()
+    for w in range(R + 1):
+        sync()
+        t0 = time.perf_counter()
+        trained = 0
+        for x, y in batches[w * K : (w + 1) * K]:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                logits = model(x)  # [B, T, V], fp32
+            # MiniMind's (ce · mask).sum() / mask.sum(); a row set with no trained token
+            # gives 0, not NaN.
+            ce = F.cross_entropy(
+                logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100, reduction="sum"
+            )
+            loss = ce / (y != -100).sum().clamp_min(1)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            trained += int((y != -100).sum())
+            losses.append(loss.detach())
+        sync()
+        seconds = time.perf_counter() - t0
+        windows.append(
+            {
+                "step": (w + 1) * K,
+                "seconds": seconds,
+                "tokens": K * B * T,
+                "trained": trained,
+                "loss": float(torch.stack(losses[-K:]).mean()),
+            }
+        )
+    timed = windows[1:]
+    secs = sum(w["seconds"] for w in timed)
+    res = {
+        "tokens_per_s": sum(w["tokens"] for w in timed) / secs,
+        "trained_tokens_per_s": sum(w["trained"] for w in timed) / secs,
+        "timed_steps": K * len(timed),
+        "timed_seconds": secs,
+        "warmup_seconds": windows[0]["seconds"],
+        "loss_first_window": windows[0]["loss"],
+        "loss_last_window": windows[-1]["loss"],
+        "windows": windows,
+        "wall_s": time.perf_counter() - t_all,
+        "peak_mem_mb": (
+            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        ),
+        "peak_rss_mb": peak_mb(rss_mb()),
+        "kernels_used": model.ops.name,
+        "attention_used": "sdpa (causal, no mask)",
+    }
+    res["fill"] = res["trained_tokens_per_s"] / res["tokens_per_s"]
+    return res
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    res = worker_padded(spec) if spec["variant"] == "padded" else worker_product(spec)
+    device, dtype = _device_and_dtype(spec)
+    from spongebob.model import PRESETS
+    from spongebob.tokenizer import load
+
+    vocab = load(spec["tokenizer"]).vocab_size
+    model = new_model(replace(PRESETS[spec["preset"]], vocab_size=vocab)).to("meta")
+    res["parameters"] = model.num_parameters()
+    res["flops_per_token"] = flops_per_token(model, spec["seq_len"])
+    peak = peak_flops(device, dtype)
+    res["peak_flops"] = peak
+    if res.get("mfu") is None:
+        res["mfu"] = res["tokens_per_s"] * res["flops_per_token"] / peak if peak else None
+        res["mfu_source"] = "bench_train (6N + 12·L·dim·T)" if peak else None
+    res["device"] = str(device)
+    res["dtype"] = str(dtype).removeprefix("torch.")
+    res["threads"] = torch.get_num_threads()
+    return res
+
+
+def run_worker(spec: dict, timeout: float | None) -> dict:
+    """One measurement in a fresh process; its failure is recorded, not raised."""
+    env = dict(os.environ)
+    if spec["device"] == "cpu" and spec.get("kernels") == "triton":
+        env["TRITON_INTERPRET"] = "1"  # Triton kernels on CPU run in the interpreter
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"")[-2000:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        return {"error": f"timed out after {timeout:.0f} s", "stderr_tail": tail}
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {
+            "error": f"worker exited {proc.returncode}: "
+            + (proc.stderr.strip().splitlines() or ["?"])[-1][:300],
+            "stderr_tail": proc.stderr[-3000:],
+            "process_wall_s": wall,
+        }
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["process_wall_s"] = wall
+    return res
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def _fmt(v, spec: str, scale: float = 1.0) -> str:
+    return "-" if v is None else format(v * scale, spec)
+
+
+def ratios(results: list[dict]) -> dict:
+    """Per shape: each variant against `padded` and against `torch-sdpa` (same run)."""
+    out: dict = {}
+    for shape in dict.fromkeys(r["shape"] for r in results):
+        rows = {r["variant"]: r for r in results if r["shape"] == shape and "error" not in r}
+        entry = {}
+        for base in ("padded", "torch-sdpa"):
+            b = rows.get(base)
+            if b is None or not b["trained_tokens_per_s"]:
+                continue
+            for name, r in rows.items():
+                if name == base:
+                    continue
+                entry[f"{name} / {base} trained tokens/s"] = (
+                    r["trained_tokens_per_s"] / b["trained_tokens_per_s"]
+                )
+                entry[f"{name} / {base} tokens/s"] = r["tokens_per_s"] / b["tokens_per_s"]
+        out[shape] = entry
     return out
 
 
-def main() -> None:
+def print_table(results: list[dict], ratio: dict) -> None:
+    head = (
+        f"{'shape':<10}{'variant':<15}{'tokens/s':>11}{'trained tok/s':>15}{'fill':>7}"
+        f"{'MFU':>7}{'peak MB':>9}{'final loss':>11}  kernels/attention used"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        if "error" in r:
+            print(f"{r['shape']:<10}{r['variant']:<15} FAILED: {r['error']}")
+            continue
+        mem = r["peak_mem_mb"] if r.get("peak_mem_mb") is not None else r.get("peak_rss_mb")
+        used = f"{r.get('kernels_used')}/{r.get('attention_used') or '(compiled)'}"
+        print(
+            f"{r['shape']:<10}{r['variant']:<15}{r['tokens_per_s']:>11,.0f}"
+            f"{r['trained_tokens_per_s']:>15,.0f}{r['fill']:>7.1%}"
+            f"{_fmt(r.get('mfu'), '6.1%'):>7}{_fmt(mem, '9.0f'):>9}"
+            f"{_fmt(r.get('loss_last_window'), '11.3f'):>11}  {used}"
+            + (f"  WARNING: {r['warning']}" if r.get("warning") else "")
+        )
+    for shape, entry in ratio.items():
+        for k, v in entry.items():
+            if "trained" in k or "padded" not in k:
+                print(f"  {shape}: {k} = {v:.2f}×")
+    if any(r.get("peak_mem_mb") is None and "error" not in r for r in results):
+        print("  (peak MB on CPU: the process's peak RSS)")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--preset", default="spongebob")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=2, help="alternate padded/packed this often")
-    ap.add_argument("--docs", type=int, default=2000)
+    ap.add_argument("--shapes", nargs="+", default=None, help="BATCHxSEQ (default 4x512 on CPU)")
     ap.add_argument(
-        "--median-frac",
-        type=float,
-        default=0.25,
-        help="median document length as a fraction of seq_len",
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=list(VARIANTS),
+        help="default: torch-sdpa padded (CPU); torch-sdpa torch-compile triton-flex padded (CUDA)",
     )
-    ap.add_argument("--vocab", type=int, default=6400)
-    ap.add_argument("--kernels", default="auto")
-    ap.add_argument("--attention", default="auto")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--window", type=int, default=3, help="optimizer steps per logged window")
+    ap.add_argument("--windows", type=int, default=2, help="timed windows after the warm-up one")
+    ap.add_argument("--corpus-mb", type=float, default=1.0, help="generated chat corpus size")
+    ap.add_argument("--vocab", type=int, default=6400, help="tokenizer trained on the corpus")
+    ap.add_argument("--data", help="a chat jsonl instead of the generated corpus")
+    ap.add_argument("--tokenizer", help="a tokenizer folder instead of training one")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per measurement")
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args._worker:
+        print(json.dumps(worker(json.loads(args._worker))))
+        return 0
+
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cuda = device.startswith("cuda")
+    shapes = args.shapes or (["84x512", "28x1024"] if on_cuda else ["4x512"])
+    variants = args.variants or (
+        ["torch-sdpa", "torch-compile", "triton-flex", "padded"]
+        if on_cuda
+        else ["torch-sdpa", "padded"]
     )
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tmp = None
+    work = args.work
+    if work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_train-")
+        work = Path(tmp.name)
+    t_prep = time.perf_counter()
+    if args.data:
+        files = {"data": args.data, "tokenizer": args.tokenizer}
+        if args.tokenizer is None:
+            ap.error("--data needs --tokenizer")
     else:
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        files = prepare_data(work, args.corpus_mb, args.vocab, args.tokenizer)
+    prep_s = time.perf_counter() - t_prep
 
-    cfg = PRESETS[args.preset]
-    cfg = type(cfg)(
-        **{
-            **asdict(cfg),
-            "vocab_size": args.vocab,
-            "kernels": args.kernels,
-            "attention": args.attention,
-        }
-    )
-    docs = synthetic_docs(args.docs, args.seq_len, args.vocab, 0, args.median_frac)
-    layouts = {
-        "padded (tutorial)": padded_batches(docs, args.seq_len, args.batch_size),
-        "packed (ours)": packed_batches(docs, args.seq_len, args.batch_size),
-    }
-    results: dict[str, list] = {k: [] for k in layouts}
-    n_params = None
-    for rep in range(args.repeats + 1):  # round 0 warms the process up and is discarded
-        for name, batches in layouts.items():
-            torch.manual_seed(0)
-            model = SpongeBob(cfg).to(device).train()
-            n_params = model.num_parameters()
-            fwd = torch.compile(model) if args.compile else model
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-            r = run(fwd, opt, batches, args.steps if rep else 2, device, dtype)
-            if rep:
-                results[name].append(r)
-
-    def med(name, key):
-        vals = [r[key] for r in results[name] if key in r]
-        return statistics.median(vals) if vals else None
-
-    flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.dim * args.seq_len
-    peak = None
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    if gpu:
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-    rows = []
-    for name in layouts:
-        row = {
-            "layout": name,
-            "tokens_per_s": med(name, "tokens_per_s"),
-            "trained_tokens_per_s": med(name, "trained_tokens_per_s"),
-            "fill": med(name, "fill"),
-            "max_memory_gb": med(name, "max_memory_gb"),
-        }
-        if peak:
-            row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * 1e12)
-        rows.append(row)
-    ratio = rows[1]["trained_tokens_per_s"] / rows[0]["trained_tokens_per_s"]
-
+    results = []
+    for shape in shapes:
+        B, T = (int(x) for x in shape.lower().split("x"))
+        for variant in variants:
+            print(f"... {shape} {variant}", file=sys.stderr, flush=True)
+            spec = {
+                "variant": variant,
+                "shape": shape,
+                "batch": B,
+                "seq_len": T,
+                "preset": args.preset,
+                "device": device,
+                "dtype": args.dtype,
+                "window": args.window,
+                "windows": args.windows,
+                "threads": args.threads,
+                "run_dir": str(work / f"run-{shape}-{variant}"),
+                "cache_dir": str(work / "cache"),
+                **files,
+                **(VARIANTS[variant] or PADDED_RUNTIME),
+            }
+            r = {**spec, **run_worker(spec, args.timeout)}
+            used = r.get("kernels_used")
+            if "error" not in r and variant != "padded" and used and used != spec["kernels"]:
+                r["warning"] = f"asked for kernels={spec['kernels']}, the model ran {used}"
+            att = r.get("attention_used")
+            if "error" not in r and variant != "padded" and att and att != spec["attention"]:
+                r["warning"] = (r.get("warning", "") + "; " if r.get("warning") else "") + (
+                    f"asked for attention={spec['attention']}, the model ran {att}"
+                )
+            results.append(r)
+    ratio = ratios(results)
+    first = next((r for r in results if "error" not in r), {})
     print(
-        f"\nmodel {args.preset} ({format_params(n_params)}), {device}"
-        f"{' (' + gpu + ')' if gpu else ''}, {str(dtype).removeprefix('torch.')}, "
-        f"batch {args.batch_size} × seq {args.seq_len}, {args.steps} steps × {args.repeats}"
+        f"\nbench_train: preset {args.preset} ({first.get('parameters', 0) / 1e6:.2f}M params), "
+        f"{device}, {first.get('dtype', '?')}, {first.get('threads', '?')} thread(s), "
+        f"window {args.window} steps × {args.windows} timed (+1 warm-up)\n"
     )
-    hdr = f"{'layout':<20}{'tokens/s':>12}{'trained tok/s':>15}{'fill':>8}"
-    hdr += f"{'MFU':>8}" if peak else ""
-    print(hdr)
-    for r in rows:
-        line = (
-            f"{r['layout']:<20}{r['tokens_per_s']:>12,.0f}{r['trained_tokens_per_s']:>15,.0f}"
-            f"{r['fill']:>8.1%}"
-        )
-        line += f"{r['mfu']:>8.1%}" if peak else ""
-        print(line)
-    print(f"packed / padded trained tokens/s: {ratio:.2f}×")
-
+    print_table(results, ratio)
     out = {
         "benchmark": "bench_train",
-        "date": time.strftime("%Y-%m-%d"),
-        "device": str(device),
-        "gpu": gpu,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "gpu": torch.cuda.get_device_name(0) if on_cuda else None,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "parameters": n_params,
-        "flops_per_token": flops_per_token,
-        "peak_tflops": peak,
-        "results": rows,
-        "raw": results,
-        "packed_over_padded_trained_tokens_per_s": ratio,
+        "data_prep_s": prep_s,
+        "results": results,
+        "ratios": ratio,
     }
-    path = args.json or Path(__file__).parent / "results" / f"bench_train-{device.type}.json"
+    path = args.json or HERE / "results" / f"bench_train-{'cuda' if on_cuda else 'cpu'}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"\nwrote {path}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

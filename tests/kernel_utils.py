@@ -3,12 +3,19 @@
 Import this module before anything that imports Triton kernels: on a machine without an NVIDIA
 driver it turns on the Triton interpreter (TRITON_INTERPRET=1), which Triton reads when a kernel
 is decorated, so the same tests run on CPU in CI and unchanged on a GPU.
+
+The tests run on one device, `DEVICE`: CUDA when there is a GPU, else the CPU through the
+interpreter. On CPU they use small shapes (the interpreter runs one program at a time); on a
+GPU `cases(small, training)` adds the training shapes (84 × 512 and 28 × 1024 tokens, dim 512,
+8 heads of 64, vocab 6400), so `bash scripts/gpu_check.sh` checks the kernels where they run.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+
+import pytest
 
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,6 +24,36 @@ import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+ON_GPU = DEVICE.type == "cuda" and not INTERPRETED
+
+
+def cases(small: list, training: list) -> list:
+    """Parameters for a test: the small ones everywhere, plus the training shapes on a GPU
+    (each shown as `train-...` in the test id)."""
+    out = list(small)
+    if ON_GPU:
+        out += [pytest.param(c, id=f"train-{_id(c)}") for c in training]
+    return out
+
+
+def _id(c) -> str:
+    if isinstance(c, tuple) and c and isinstance(c[0], str):
+        return c[0]  # (name, ...) cases
+    return "x".join(map(str, c)) if isinstance(c, tuple) else str(c)
+
+
+def build_model(config, kernels: str, attention: str):
+    """A SpongeBob with these runtime choices: constructor keywords since the model's runtime
+    split (contracts.md §4: ModelConfig is architecture only), ModelConfig fields before."""
+    import inspect
+    from dataclasses import replace
+
+    from spongebob.model import SpongeBob
+
+    if "kernels" in inspect.signature(SpongeBob.__init__).parameters:
+        return SpongeBob(config, kernels=kernels, attention=attention)
+    return SpongeBob(replace(config, kernels=kernels, attention=attention))
+
 
 # --- Tolerances -----------------------------------------------------------------------------
 # fp32: kernel and reference do the same fp32 math in a different order (tree vs. pairwise

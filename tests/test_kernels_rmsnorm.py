@@ -6,13 +6,18 @@ import pytest
 import torch
 
 # kernel_utils turns on TRITON_INTERPRET on CPU; it must be imported before the kernels.
-from kernel_utils import BF16_ELEMENTWISE, DEVICE, FP32, assert_close
+from kernel_utils import BF16_ELEMENTWISE, DEVICE, FP32, assert_close, cases
 from spongebob.kernels import reference, rmsnorm
 
 # Shapes: 123 rows of 96 (odd row count, non-power-of-2 width: masked rows and columns),
 # [2, 7, 512] (the model's width, leading dims; 16 row tiles so the backward's persistent
 # programs walk several tiles each), and one row.
 SHAPES = [(123, 96), (2, 7, 512), (1, 96)]
+# On a GPU also the training shapes [B, T, dim]: pretrain/SFT 84 × 512 and long SFT 28 × 1024.
+# y and dx are per-row math, so their tolerances do not depend on the row count; dW sums
+# 43,008 or 28,672 rows in fp32 on both sides (tree sums), ~1e-6 of its largest entry, within
+# the 1e-5 (fp32) and the bf16 output's one-rounding bounds below.
+TRAINING_SHAPES = [(84, 512, 512), (28, 1024, 512)]
 
 # bf16 gradients: dx is computed in fp32 from the same bf16 inputs on both sides and rounded
 # once (same reason as BF16_ELEMENTWISE), but it is a difference of two terms, so near-zero
@@ -40,7 +45,7 @@ def _run(fn, x, w, dy, eps=1e-5):
     return y.detach(), x.grad, w.grad
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", cases(SHAPES, TRAINING_SHAPES))
 def test_rmsnorm_forward_backward_matches_reference_fp32(shape):
     x, w, dy = _inputs(shape, torch.float32)
     y, dx, dw = _run(rmsnorm.rms_norm, x, w, dy)
@@ -52,7 +57,7 @@ def test_rmsnorm_forward_backward_matches_reference_fp32(shape):
     assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5 * dw_ref.abs().max().item())
 
 
-@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("shape", cases(SHAPES[:2], TRAINING_SHAPES))
 def test_rmsnorm_forward_backward_matches_reference_bf16(shape):
     x, w, dy = _inputs(shape, torch.bfloat16)
     y, dx, dw = _run(rmsnorm.rms_norm, x, w, dy)
@@ -144,3 +149,19 @@ def test_rmsnorm_does_not_modify_its_inputs():
     x0, w0, dy0 = x.clone(), w.clone(), dy.clone()
     _run(rmsnorm.rms_norm, x, w, dy)
     assert torch.equal(x, x0) and torch.equal(w, w0) and torch.equal(dy, dy0)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host-sync detection needs CUDA")
+def test_rmsnorm_forward_and_backward_never_sync_with_the_host():
+    x, w, dy = _inputs((84, 512, 512), torch.bfloat16, weight_dtype=torch.float32)
+    _run(rmsnorm.rms_norm, x, w, dy)  # warm up: compile the kernels
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = rmsnorm.rms_norm(x, w, 1e-5)
+        y.backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x.grad).all().item() and torch.isfinite(w.grad).all().item()

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 # kernel_utils turns on TRITON_INTERPRET on CPU; it must be imported before the kernels.
-from kernel_utils import BF16_ELEMENTWISE, DEVICE, FP32, assert_close
+from kernel_utils import BF16_ELEMENTWISE, DEVICE, FP32, assert_close, cases
 from spongebob.kernels import reference, rope
 
 MAX_POS = 64
+# The model's table (max_seq_len 32768): positions up to 1024 in the training shapes.
+MODEL_MAX_POS = 32768
 
 
 def _packed_positions(batch: int, seq_len: int) -> torch.Tensor:
@@ -50,13 +52,22 @@ def _run(fn, q, k, dq, dk, cos, sin, pos):
 # (B, T, Hq, Hk, D): GQA with D = 96 (D/2 = 48 is not a power of 2: masked lanes), MHA at the
 # model's head dim 64 with an odd head count.
 CASES = [(2, 13, 4, 2, 96), (1, 11, 3, 3, 64)]
+# On a GPU also the training shapes: the spongebob preset at 84 × 512 and, with MiniMind2-Small's
+# 2 KV heads, at 28 × 1024. Every output element is its own two-term rotation, so the
+# elementwise tolerances hold at any size.
+TRAINING_CASES = [(84, 512, 8, 8, 64), (28, 1024, 8, 2, 64)]
 
 
-@pytest.mark.parametrize("case", CASES)
+def _tables(seq_len, head_dim):
+    max_pos = MAX_POS if seq_len <= MAX_POS // 2 else MODEL_MAX_POS
+    return reference.rope_cache(head_dim, max_pos, device=DEVICE)
+
+
+@pytest.mark.parametrize("case", cases(CASES, TRAINING_CASES))
 def test_rope_forward_backward_matches_reference_fp32(case):
     batch, seq_len, n_q, n_k, head_dim = case
     q, k, dq, dk = _inputs(batch, seq_len, n_q, n_k, head_dim, torch.float32)
-    cos, sin = reference.rope_cache(head_dim, MAX_POS, device=DEVICE)
+    cos, sin = _tables(seq_len, head_dim)
     pos = _packed_positions(batch, seq_len)
     got = _run(rope.apply_rope, q, k, dq, dk, cos, sin, pos)
     ref = _run(reference.apply_rope, q, k, dq, dk, cos, sin, pos)
@@ -65,11 +76,11 @@ def test_rope_forward_backward_matches_reference_fp32(case):
         assert_close(a, e, **FP32)
 
 
-@pytest.mark.parametrize("case", CASES[:1])
+@pytest.mark.parametrize("case", cases(CASES[:1], TRAINING_CASES))
 def test_rope_forward_backward_matches_reference_bf16(case):
     batch, seq_len, n_q, n_k, head_dim = case
     q, k, dq, dk = _inputs(batch, seq_len, n_q, n_k, head_dim, torch.bfloat16)
-    cos, sin = reference.rope_cache(head_dim, MAX_POS, device=DEVICE)
+    cos, sin = _tables(seq_len, head_dim)
     pos = _packed_positions(batch, seq_len)
     got = _run(rope.apply_rope, q, k, dq, dk, cos, sin, pos)
     ref = _run(reference.apply_rope, q, k, dq, dk, cos, sin, pos)
@@ -137,3 +148,21 @@ def test_rope_does_not_modify_its_inputs():
     _run(rope.apply_rope, q, k, dq, dk, cos, sin, pos)
     for t, t0 in zip((q, k, dq, dk), saved, strict=True):
         assert torch.equal(t, t0)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host-sync detection needs CUDA")
+def test_rope_forward_and_backward_never_sync_with_the_host():
+    q, k, dq, dk = _inputs(84, 512, 8, 8, 64, torch.bfloat16)
+    cos, sin = reference.rope_cache(64, MODEL_MAX_POS, device=DEVICE)
+    pos = _packed_positions(84, 512)
+    _run(rope.apply_rope, q, k, dq, dk, cos, sin, pos)  # warm up: compile the kernel
+    q = q.detach().clone().requires_grad_()
+    k = k.detach().clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        q_out, k_out = rope.apply_rope(q, k, cos, sin, pos)
+        torch.autograd.backward([q_out, k_out], [dq, dk])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(q.grad).all().item() and torch.isfinite(k.grad).all().item()
