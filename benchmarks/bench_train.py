@@ -482,7 +482,11 @@ def print_table(results: list[dict], ratio: dict) -> None:
         )
     for shape, entry in ratio.items():
         for k, v in entry.items():
-            if "trained" in k or "padded" not in k:
+            # Against the padded loop: useful (trained) tokens; between product variants,
+            # which train the same rows: all tokens.
+            if k.endswith("/ padded trained tokens/s") or (
+                k.endswith("/ torch-sdpa tokens/s") and not k.startswith("padded")
+            ):
                 print(f"  {shape}: {k} = {v:.2f}×")
     if any(r.get("peak_mem_mb") is None and "error" not in r for r in results):
         print("  (peak MB on CPU: the process's peak RSS)")

@@ -722,11 +722,26 @@ def _summary(step: str, r: dict) -> str:
                 "used" if liger.get("used") else liger.get("reason", "?")
             )
         if step == "train_step":
-            return "; ".join(
-                f"{shape}: " + ", ".join(f"{k.split(' /')[0]} {v:.2f}×" for k, v in e.items()
-                                        if k.endswith("/ torch-sdpa tokens/s"))
-                for shape, e in r["ratios"].items()
-            )  # fmt: skip
+            parts = []
+            for shape, e in r["ratios"].items():
+                vs_sdpa = [
+                    f"{k.split(' /')[0]} {v:.2f}×"
+                    for k, v in e.items()
+                    if k.endswith("/ torch-sdpa tokens/s") and not k.startswith("padded")
+                ]
+                # The product's default: Triton + flex on CUDA, torch + SDPA on CPU.
+                product = next(
+                    (v for v in ("triton-flex", "torch-sdpa") if f"{v} / padded tokens/s" in e),
+                    None,
+                )
+                vs_pad = e.get(f"{product} / padded trained tokens/s")
+                parts.append(
+                    f"{shape}: tokens/s vs torch-sdpa: {', '.join(vs_sdpa) or '-'}; trained "
+                    f"tokens/s {product} vs padded {vs_pad:.2f}×"
+                    if vs_pad
+                    else f"{shape}: {', '.join(vs_sdpa) or '-'}"
+                )
+            return "; ".join(parts)
         if step == "decode":
             res = r["results"]
             return (
@@ -735,7 +750,7 @@ def _summary(step: str, r: dict) -> str:
                 f"{r['kv_cache_over_recompute']:.2f}× at {r['args']['new_tokens']} new tokens"
             )
     except Exception as e:  # a summary must never hide the result
-        return f"(no summary: {type(e).__name__}: {e})"
+        return "" if r.get("status") != "ok" else f"(no summary: {type(e).__name__}: {e})"
     return ""
 
 
@@ -754,7 +769,8 @@ def print_report(report: dict) -> None:
     ts = steps.get("train_step", {})
     if ts.get("table"):
         print("\ntraining step (benchmarks/bench_train.py):")
-        print("\n".join("  " + ln for ln in ts["table"].strip().splitlines() if ln.strip()))
+        lines = ts["table"].strip().splitlines()
+        print("\n".join("  " + ln for ln in lines if ln.strip() and not ln.startswith("wrote ")))
     bk = steps.get("bench_kernels", {})
     if bk.get("kernels"):
         print("\nkernels (benchmarks/bench_kernels.py; full = fwd + bwd):")
@@ -803,7 +819,18 @@ def main(argv: list[str] | None = None) -> int:
         wanted.insert(0, "environment")  # the file name needs the GPU's name
     try:
         for step in STEPS:
-            if step in wanted:
+            no_gpu = step != "environment" and (
+                not args.dry_run and check.results["environment"].get("gpu") is None
+            )
+            if step in wanted and no_gpu:
+                check.results[step] = {
+                    "kind": STEPS[step],
+                    "status": "error",
+                    "wall_s": 0.0,
+                    "error": "not run: no CUDA GPU (bash scripts/gpu_check.sh --dry-run checks "
+                    "the script on CPU)",
+                }
+            elif step in wanted:
                 check.run(step)
             else:
                 check.results[step] = {

@@ -184,3 +184,18 @@ def test_a_failing_benchmark_step_gives_exit_status_2(tmp_path, monkeypatch):
     report = _only_report(tmp_path)
     assert code == 2 and report["steps"]["decode"]["error"] == "slow"
     assert report["steps"]["environment"]["status"] == "ok"
+
+
+def test_without_a_gpu_the_real_check_runs_nothing_and_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the real check would run")
+    gpu_check = _load_gpu_check()
+    code = gpu_check.main(["--out", str(tmp_path), "--only", "kernel_tests", "decode"])
+    (path,) = tmp_path.glob("gpu-no-gpu-*.json")
+    steps = json.loads(path.read_text())["steps"]
+    assert code == 1
+    assert "no CUDA GPU" in steps["environment"]["error"]
+    for name in ("kernel_tests", "decode"):
+        assert "--dry-run" in steps[name]["error"] and steps[name]["wall_s"] == 0.0
