@@ -8,7 +8,13 @@ import torch
 from spongebob.errors import UserError
 from spongebob.metrics import Window
 from spongebob.model import PRESETS, SpongeBob
-from spongebob.runtime import check_kernels, peak_flops, resolve_device, resolve_dtype
+from spongebob.runtime import (
+    check_kernels,
+    check_training_attention,
+    peak_flops,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 def test_flops_per_token_is_six_n_plus_the_attention_term():
@@ -59,3 +65,10 @@ def test_triton_kernels_on_a_cpu_need_the_interpreter(monkeypatch):
     check_kernels("torch", torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     check_kernels("triton", torch.device("cpu"))
+
+
+def test_flex_attention_is_refused_for_training_on_a_cpu_before_any_work():
+    with pytest.raises(UserError, match="cannot train on a CPU"):
+        check_training_attention("flex", torch.device("cpu"))
+    check_training_attention("sdpa", torch.device("cpu"))
+    check_training_attention("auto", torch.device("cpu"))

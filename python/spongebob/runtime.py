@@ -67,6 +67,16 @@ def check_kernels(kernels: str, device: torch.device) -> None:
         )
 
 
+def check_training_attention(attention: str, device: torch.device) -> None:
+    """FlexAttention has no backward pass on a CPU (torch raises NotImplementedError at the
+    first backward), so training there refuses it before any work is done."""
+    if attention == "flex" and device.type == "cpu":
+        raise UserError(
+            "--attention flex cannot train on a CPU (FlexAttention has no CPU backward in "
+            "torch); use --attention auto or sdpa"
+        )
+
+
 @dataclass
 class Runtime:
     """The device, compute dtype and process group of this process."""

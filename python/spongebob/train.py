@@ -59,6 +59,7 @@ def train(cfg: TrainConfig, dataset_factory: Callable | None = None) -> TrainRes
     cfg.validate()
     rt = runtime.start(cfg.device, cfg.dtype)
     try:
+        runtime.check_training_attention(cfg.attention, rt.device)
         return _run(cfg, rt, dataset_factory)
     finally:
         rt.close()
