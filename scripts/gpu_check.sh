@@ -7,6 +7,10 @@
 #
 #   bash scripts/gpu_check.sh [--out DIR] [--only STEP...] [--skip STEP...] [--no-install]
 #   bash scripts/gpu_check.sh --dry-run [--out DIR]    # every step on CPU at toy shapes (CI)
+#
+# Without .venv (a GPU machine whose python3 already has torch, triton, pytest, numpy,
+# tokenizers, safetensors and tqdm), bring the built extension python/spongebob/_rust.abi3.so
+# (abi3: any CPython >= 3.10 on x86-64 Linux) and run: PYTHONPATH=python bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
