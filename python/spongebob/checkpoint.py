@@ -17,6 +17,14 @@ A checkpoint directory holds
 * `train_state.pt` — optimizer, step, RNG states and loader states, loaded with
   `weights_only=True` (no pickled code runs on load).
 
+A LoRA checkpoint (`--lora-rank R`, spongebob.lora) holds `adapter_model.safetensors` (only the
+adapters, under PEFT's names) in place of `model.safetensors`, and its config.json a "lora"
+section: rank, alpha, dropout, targets and "base": the checkpoint the adapters were trained on
+(its resolved path, the path relative to this checkpoint, and the sha256 of its weights file).
+`load` loads that base (refused if it is missing or its weights changed), applies the adapters
+and merges them, so every consumer sees a plain model; `merge_lora=False` keeps them apart
+(resume, the adapter-only export).
+
 Writes go to a hidden temporary directory next to the target, every file is fsynced, and only
 then is the directory renamed into place: a crash at any moment leaves either the old checkpoint
 or the new one, never half of one.
@@ -24,6 +32,7 @@ or the new one, never half of one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -36,6 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from spongebob import lora
 from spongebob.config import STAGE_ORDER
 from spongebob.errors import UserError
 
@@ -45,6 +55,8 @@ if TYPE_CHECKING:
 
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+MODEL_FILE = "model.safetensors"
+WEIGHT_FILES = (MODEL_FILE, lora.ADAPTER_FILE)  # a full checkpoint's, a LoRA checkpoint's
 TMP_PREFIX = ".tmp-"
 
 
@@ -77,14 +89,27 @@ def save_checkpoint(
     tokenizer_dir: Path | None = None,
     train_state: dict | None = None,
 ) -> Path:
-    """Write a complete checkpoint to `path` atomically (temp dir + rename)."""
+    """Write a complete checkpoint to `path` atomically (temp dir + rename).
+
+    A model with LoRA adapters is saved as a LoRA checkpoint: only the adapters, and `meta`
+    must carry "lora" with "base" (`base_reference` of the checkpoint they were applied to)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if lora.has_lora(model):
+        info = meta.get("lora") or {}
+        if not isinstance(info.get("base"), dict) or "sha256" not in info["base"]:
+            raise ValueError("a LoRA checkpoint needs meta['lora']['base'] (base_reference)")
+        base = dict(info["base"])
+        base["relative"] = os.path.relpath(base["path"], path.resolve())
+        meta = {**meta, "lora": {**info, "base": base}}
+        weights, weights_name = lora.adapter_state_dict(model), lora.ADAPTER_FILE
+    else:
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        weights_name = MODEL_FILE
     tmp = path.parent / f"{TMP_PREFIX}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights, str(tmp / weights_name), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
@@ -129,7 +154,7 @@ def list_step_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     if ckpt_root.is_dir():
         for p in ckpt_root.iterdir():
             m = STEP_RE.match(p.name)
-            if m and p.is_dir() and (p / "model.safetensors").is_file():
+            if m and p.is_dir() and weights_file(p) is not None:
                 out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -151,8 +176,64 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def weights_file(ckpt: Path) -> Path | None:
+    """The weights of a checkpoint dir: model.safetensors, or a LoRA checkpoint's adapter."""
+    for name in WEIGHT_FILES:
+        if (Path(ckpt) / name).is_file():
+            return Path(ckpt) / name
+    return None
+
+
 def is_checkpoint(path: Path) -> bool:
-    return (Path(path) / "model.safetensors").is_file() and (Path(path) / "config.json").is_file()
+    return weights_file(path) is not None and (Path(path) / "config.json").is_file()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def base_reference(ckpt: Path) -> dict:
+    """What a LoRA checkpoint records about its base: the resolved path of the checkpoint (or
+    exported HF folder) and the sha256 of its weights file."""
+    ckpt = Path(ckpt).resolve()
+    f = weights_file(ckpt)
+    if f is None:
+        raise UserError(f"{ckpt}: no weights file to train LoRA adapters on")
+    return {"path": str(ckpt), "sha256": file_sha256(f)}
+
+
+def lora_base(ckpt: Path, info: dict) -> Path:
+    """The base checkpoint of the LoRA checkpoint `ckpt` (its "lora" section `info`): the
+    recorded path, else the one relative to `ckpt` (a run folder moved as a whole), whose
+    weights still have the recorded sha256. Missing or changed: a one-line UserError."""
+    base = info.get("base")
+    if not isinstance(base, dict) or not base.get("path") or not base.get("sha256"):
+        raise UserError(f'{ckpt / "config.json"}: a LoRA checkpoint without its "base" reference')
+    candidates = [Path(base["path"])]
+    if base.get("relative"):
+        candidates.append(Path(os.path.normpath(Path(ckpt).resolve() / base["relative"])))
+    changed = None
+    for c in candidates:
+        f = weights_file(c)
+        if f is None:
+            continue
+        if file_sha256(f) == base["sha256"]:
+            return c.resolve()
+        changed = changed or c
+    if changed is not None:
+        raise UserError(
+            f"{ckpt}: its base checkpoint {changed} changed since the LoRA adapters were "
+            f"trained on it (sha256 of {weights_file(changed).name} is no longer "
+            f"{base['sha256'][:12]}…); restore that base or retrain the adapters"
+        )
+    raise UserError(
+        f"{ckpt}: its base checkpoint {base['path']} is missing (the LoRA adapters need it); "
+        "restore it to load this checkpoint"
+    )
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
@@ -249,6 +330,7 @@ def load(
     kernels: str = "auto",
     attention: str = "auto",
     max_seq_len: int | None = None,
+    merge_lora: bool = True,
 ) -> Loaded:
     """The one loader of weights, for training init and resume, chat, eval, export and the demo.
 
@@ -257,14 +339,37 @@ def load(
     exported Hugging Face folder. `tokenizer` overrides the tokenizer stored with the weights;
     its vocab must equal the model's. `kernels` and `attention` are runtime choices (never read
     from the checkpoint), so a model trained with Triton runs on a CPU. `max_seq_len` enlarges
-    the RoPE tables (it does not change the weights). Every way this can fail is a one-line
-    UserError.
+    the RoPE tables (it does not change the weights). A LoRA checkpoint loads its base, applies
+    the adapters and merges them; with `merge_lora=False` the model keeps its `LoRALinear`
+    layers (frozen base, trainable adapters). Every way this can fail is a one-line UserError.
     """
-    from spongebob.model import ModelConfig, SpongeBob
     from spongebob.runtime import check_kernels, resolve_device
     from spongebob.tokenizer import load as load_tokenizer
 
-    p = Path(path)
+    model, meta, ckpt = _load_model(Path(path), kernels, attention, max_seq_len, merge_lora)
+    cfg = model.config
+    dev = resolve_device(device) if isinstance(device, str) else device
+    check_kernels(kernels, dev)
+    model.to(dev).eval()
+
+    tok_dir = Path(tokenizer) if tokenizer is not None else ckpt
+    if tokenizer is None and not (tok_dir / "tokenizer.json").is_file():
+        raise UserError(f"{ckpt}: no tokenizer.json; pass --tokenizer DIR")
+    tok = load_tokenizer(tok_dir)
+    if tok.vocab_size != cfg.vocab_size:
+        raise UserError(
+            f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model in {ckpt} "
+            f"was trained with {cfg.vocab_size}: they do not belong together"
+        )
+    return Loaded(model, tok, meta)
+
+
+def _load_model(
+    p: Path, kernels: str, attention: str, max_seq_len: int | None, merge_lora: bool
+) -> tuple[SpongeBob, dict, Path]:
+    """(model on the CPU, meta, resolved checkpoint dir) of any path `load` accepts."""
+    from spongebob.model import ModelConfig, SpongeBob
+
     if p.is_file() and p.suffix == ".safetensors":
         p = p.parent
     if not p.exists():
@@ -286,8 +391,12 @@ def load(
             cfg = ModelConfig.from_dict(meta["model"])
         except TypeError as e:
             raise UserError(f"{ckpt / 'config.json'}: bad model config ({e})") from None
-        state = _read_weights(ckpt / "model.safetensors")
         meta.setdefault("format", "spongebob")
+        if meta.get("lora"):
+            # The base's RoPE tables as long as those the adapters were trained with.
+            longest = max(max_seq_len or 0, cfg.max_seq_len)
+            return _load_lora(ckpt, meta, kernels, attention, longest, merge_lora)
+        state = _read_weights(ckpt / MODEL_FILE)
     meta["path"] = str(ckpt)
     if max_seq_len is not None and max_seq_len > cfg.max_seq_len:
         cfg.max_seq_len = max_seq_len
@@ -300,20 +409,32 @@ def load(
         raise UserError(
             f"{ckpt}: weights do not fit the configured model ({' '.join(first[:2])})"
         ) from None
-    dev = resolve_device(device) if isinstance(device, str) else device
-    check_kernels(kernels, dev)
-    model.to(dev).eval()
+    return model, meta, ckpt
 
-    tok_dir = Path(tokenizer) if tokenizer is not None else ckpt
-    if tokenizer is None and not (tok_dir / "tokenizer.json").is_file():
-        raise UserError(f"{ckpt}: no tokenizer.json; pass --tokenizer DIR")
-    tok = load_tokenizer(tok_dir)
-    if tok.vocab_size != cfg.vocab_size:
-        raise UserError(
-            f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model in {ckpt} "
-            f"was trained with {cfg.vocab_size}: they do not belong together"
-        )
-    return Loaded(model, tok, meta)
+
+def _load_lora(
+    ckpt: Path, meta: dict, kernels: str, attention: str, max_seq_len: int | None, merge: bool
+) -> tuple[SpongeBob, dict, Path]:
+    """A LoRA checkpoint: its verified base (merged, if itself a LoRA checkpoint), the adapters
+    applied, then merged unless `merge` is False."""
+    info = meta["lora"]
+    try:
+        spec = lora.LoRASpec.from_dict(info)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f'{ckpt / "config.json"}: bad "lora" section ({e})') from None
+    base = lora_base(ckpt, info)
+    model, _, _ = _load_model(base, kernels, attention, max_seq_len, merge_lora=True)
+    state = _read_weights(ckpt / lora.ADAPTER_FILE)
+    try:
+        lora.apply_lora(model, spec.rank, spec.alpha, spec.dropout, spec.targets)
+        lora.load_adapter_state_dict(model, state)
+    except ValueError as e:
+        raise UserError(f"{ckpt}: {e}") from None
+    if merge:
+        lora.merge_lora(model)
+    meta["lora"] = {**info, "base": {**info["base"], "path": str(base)}}
+    meta["path"] = str(ckpt)
+    return model, meta, ckpt
 
 
 def load_train_state(ckpt: Path) -> dict:

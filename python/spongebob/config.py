@@ -21,6 +21,11 @@ from spongebob.errors import UserError
 
 STAGE_ORDER: tuple[str, ...] = ("pretrain", "sft", "sft-long", "distill")
 
+# The projections `--lora-targets` may name (every linear layer of a block; spongebob.lora).
+LORA_TARGETS: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class StagePreset:
@@ -114,6 +119,15 @@ class TrainConfig:
         "(default: the previous stage's final in --out)",
         metavar="CKPT",
     )
+    # LoRA (spongebob.lora): adapters on frozen weights; the checkpoint holds only them
+    lora_rank: int = opt(0, "LoRA rank: train low-rank adapters on frozen weights; 0 = off")
+    lora_alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha / rank")
+    lora_dropout: float = opt(0.0, "dropout on the input of the LoRA adapters")
+    lora_targets: list[str] = opt(
+        list(LORA_TARGETS),
+        f"projections that get adapters (default all: {' '.join(LORA_TARGETS)})",
+        metavar="NAME",
+    )
     # runtime (never part of the model's config: contracts.md §4)
     kernels: str = opt("auto", "op set: auto (Triton on CUDA), torch or triton")
     attention: str = opt("auto", "packed-row attention: auto (FlexAttention on CUDA), sdpa or flex")
@@ -168,8 +182,27 @@ class TrainConfig:
         if self.dtype not in ("auto", "bf16", "fp32"):
             hint = " (fp16 would need a loss scaler; use bf16)" if self.dtype == "fp16" else ""
             raise UserError(f"--dtype must be auto, bf16 or fp32, not {self.dtype!r}{hint}")
+        self._validate_lora()
         if not self.data:
             raise UserError("no training data: pass --data FILE...")
+
+    def _validate_lora(self) -> None:
+        if isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+            raise UserError(f"--lora-rank must be 0 (off) or a positive rank, not {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise UserError(f"--lora-alpha must be positive, not {self.lora_alpha:g}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout:g}")
+        if not self.lora_targets:
+            raise UserError(f"--lora-targets needs at least one of {', '.join(LORA_TARGETS)}")
+        for name in self.lora_targets:
+            if name not in LORA_TARGETS:
+                raise UserError(
+                    f"--lora-targets: unknown projection {name!r}; choose from "
+                    f"{', '.join(LORA_TARGETS)}"
+                )
+        if len(set(self.lora_targets)) != len(self.lora_targets):
+            raise UserError(f"--lora-targets names a projection twice: {self.lora_targets}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,6 +5,10 @@ tokenizer and the model through `checkpoint.load`, builds the training and valid
 the optimizer, and restores the exact state of a resumed run. `Stage.save` writes a checkpoint
 that `--resume` continues bit for bit (contracts.md §5). Every stage (pretrain, SFT, long SFT,
 distillation, and later DPO or GRPO) shares this; only its loss and its data differ.
+
+With `--lora-rank R` the stage freezes the weights it starts from and trains LoRA adapters on
+the `--lora-targets` projections (spongebob.lora); its checkpoints hold only the adapters and a
+reference to that base checkpoint (checkpoint.py), and a resumed run reloads the same base.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ if TYPE_CHECKING:
     from spongebob.model import SpongeBob
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
-RESUME_KEYS = ("kind", "seq_len", "batch_size", "accum", "seed", "think_weight", "val_split")
+RESUME_KEYS = (
+    "kind", "seq_len", "batch_size", "accum", "seed", "think_weight", "val_split",
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+)  # fmt: skip
 
 
 @dataclass
@@ -49,6 +56,7 @@ class Stage:
             ("skipped_nonfinite", "skipped_empty", "tokens", "trained_tokens"), 0
         )
     )
+    lora_base: dict | None = None  # LoRA: checkpoint.base_reference of the frozen weights
 
     @property
     def ckpt_root(self) -> Path:
@@ -62,6 +70,9 @@ class Stage:
         )
         if not self.rt.is_main:
             return
+        from spongebob import lora
+
+        spec = lora.lora_spec(self.model)
         meta = {
             "model": asdict(self.model.config),
             "stage": self.cfg.stage,
@@ -69,9 +80,15 @@ class Stage:
             "total_steps": self.total_steps,
             "train": self.cfg.to_dict(),
             "init": str(self.init) if self.init else None,
-            "parameters": self.model.num_parameters(),
+            "parameters": self.model.num_parameters() - lora.adapter_parameters(self.model),
             "counters": dict(self.counters),
         }
+        if spec is not None:
+            meta["lora"] = {
+                **spec.to_dict(),
+                "parameters": lora.adapter_parameters(self.model),
+                "base": self.lora_base,
+            }
         state = {
             "optimizer": self.opt.state_dict(),
             "step": step,
@@ -156,13 +173,21 @@ def _tokenizer_dir(cfg: TrainConfig, src: Path | None) -> Path:
     return tok_dir
 
 
-def _model(cfg: TrainConfig, rt: Runtime, src: Path | None, tok_dir: Path):
-    """(model on the device in train mode, tokenizer): from `src`, or fresh from the preset."""
+def _model(cfg: TrainConfig, rt: Runtime, src: Path | None, tok_dir: Path, resumed: bool):
+    """(model on the device in train mode, tokenizer, LoRA base reference or None): from `src`,
+    or fresh from the preset. With --lora-rank, the weights of `src` are frozen and adapters
+    added; resuming a LoRA checkpoint brings back its base and its (unmerged) adapters."""
+    from spongebob import lora
     from spongebob.model import PRESETS, SpongeBob, preset
     from spongebob.tokenizer import load as load_tokenizer
 
     check_kernels(cfg.kernels, rt.device)
     seed_everything(cfg.seed)
+    if cfg.lora_rank and src is None:
+        raise UserError(
+            f"--lora-rank trains adapters on existing weights, but stage {cfg.stage} starts from "
+            "random ones here; pass --init CKPT"
+        )
     if src is not None:
         loaded = ck.load(
             src,
@@ -171,15 +196,32 @@ def _model(cfg: TrainConfig, rt: Runtime, src: Path | None, tok_dir: Path):
             kernels=cfg.kernels,
             attention=cfg.attention,
             max_seq_len=cfg.seq_len,
+            merge_lora=not resumed,
         )
-        return loaded.model.train(), loaded.tokenizer
+        model, base = loaded.model, None
+        if resumed:
+            if lora.has_lora(model) != bool(cfg.lora_rank):
+                was = "a LoRA" if lora.has_lora(model) else "a full-training"
+                raise UserError(
+                    f"--resume: {src} is {was} checkpoint; rerun the original command with "
+                    "--resume (the same --lora-* flags)"
+                )
+            if cfg.lora_rank:
+                ref = loaded.meta["lora"]["base"]
+                base = {"path": ref["path"], "sha256": ref["sha256"]}
+        elif cfg.lora_rank:
+            base = ck.base_reference(loaded.path)
+            lora.apply_lora(
+                model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets
+            )
+        return model.train(), loaded.tokenizer, base
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown --preset {cfg.preset!r}; known: {', '.join(PRESETS)}")
     tok = load_tokenizer(tok_dir)
     mcfg = preset(cfg.preset, vocab_size=tok.vocab_size)
     mcfg.max_seq_len = max(mcfg.max_seq_len, cfg.seq_len)
     model = SpongeBob(mcfg, kernels=cfg.kernels, attention=cfg.attention)
-    return model.to(rt.device).train(), tok
+    return model.to(rt.device).train(), tok, None
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -254,6 +296,7 @@ def prepare(cfg: TrainConfig, rt: Runtime, factory: Callable | None = None) -> S
     """Build (or restore) everything stage `cfg.stage` needs to run its first step."""
     import torch
 
+    from spongebob import lora
     from spongebob.model import format_params
     from spongebob.step import build_optimizer
 
@@ -261,16 +304,24 @@ def prepare(cfg: TrainConfig, rt: Runtime, factory: Callable | None = None) -> S
     resume, init = _weights_source(cfg, stage_dir)
     src = resume or init
     tok_dir = _tokenizer_dir(cfg, src)
-    model, tok = _model(cfg, rt, src, tok_dir)
+    model, tok, lora_base = _model(cfg, rt, src, tok_dir, resumed=resume is not None)
     if init is not None:
         rt.log(f"initialised from {init}")
     c = model.config
+    n_adapter = lora.adapter_parameters(model)
     rt.log(
-        f"stage {cfg.stage}: model {format_params(model.num_parameters())} parameters "
-        f"({c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, vocab "
+        f"stage {cfg.stage}: model {format_params(model.num_parameters() - n_adapter)} "
+        f"parameters ({c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, vocab "
         f"{c.vocab_size}), {rt.device}, {str(rt.dtype).removeprefix('torch.')}, world size "
         f"{rt.world_size}, kernels {model.ops.name}"
     )
+    spec = lora.lora_spec(model)
+    if spec is not None:
+        rt.log(
+            f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on "
+            f"{','.join(spec.targets)}: {format_params(n_adapter)} trainable parameters "
+            f"({100 * n_adapter / model.num_parameters():.2f} %), base {lora_base['path']} frozen"
+        )
     ds, val = _loaders(cfg, rt, tok, factory or default_dataset_factory)
     total = cfg.max_steps or max(1, cfg.epochs * len(ds) // cfg.accum)
     train_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
@@ -281,6 +332,7 @@ def prepare(cfg: TrainConfig, rt: Runtime, factory: Callable | None = None) -> S
         train_model = DDP(train_model, device_ids=ids)
     opt = build_optimizer(model, cfg, rt.device)
     st = Stage(cfg, rt, stage_dir, tok, tok_dir, model, train_model, opt, ds, val, total, init)
+    st.lora_base = lora_base
     if resume is not None:
         _restore(st, resume)
     if rt.is_main:
