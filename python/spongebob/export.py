@@ -13,13 +13,21 @@ GQA, no biases, tied embeddings), so export is a rename plus the files `transfor
 * `README.md` — how to load it.
 
 From there llama.cpp's `convert_hf_to_gguf.py` or vLLM take it like any LLaMA.
+
+A LoRA checkpoint (`--lora-rank`) is exported merged (W + scaling · B·A) by default. With
+`--adapter-only` the folder is a PEFT adapter instead: `adapter_config.json` and
+`adapter_model.safetensors` (plus the tokenizer files and a README), to load with
+`peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(BASE), THIS_DIR)`, where BASE
+is the HF export of the adapter's base checkpoint (`--base-model` names it in the config).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from spongebob.errors import UserError
@@ -81,59 +89,109 @@ def export_hf(
     dtype: str = "float32",
     tokenizer: Path | str | None = None,
     force: bool = False,
+    adapter_only: bool = False,
+    base_model: str | None = None,
 ) -> Path:
-    """Write the HF folder for `ckpt` into `out` (atomically: a temp dir, then a rename)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from spongebob import checkpoint
-    from spongebob.model import hf_state_dict
+    """Write the HF folder for `ckpt` into `out` (atomically: a temp dir, then a rename): a
+    LlamaForCausalLM folder (LoRA adapters merged), or with `adapter_only` the PEFT adapter of a
+    LoRA checkpoint, whose `base_model_name_or_path` is `base_model` (default: the base
+    checkpoint's path; export that base with `spongebob export hf` and name its folder)."""
+    from spongebob import checkpoint, lora
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if base_model is not None and not adapter_only:
+        raise UserError("--base-model names the base of an adapter: use it with --adapter-only")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out}: exists and is not empty (pass --force to replace it)")
-    loaded = checkpoint.load(ckpt, "cpu", tokenizer=tokenizer, kernels="torch")
-    model, tok, meta = loaded.model, loaded.tokenizer, loaded.meta
-    tok_dir = Path(tok.path).parent
+    loaded = checkpoint.load(
+        ckpt, "cpu", tokenizer=tokenizer, kernels="torch", merge_lora=not adapter_only
+    )
+    if adapter_only and not lora.has_lora(loaded.model):
+        raise UserError(
+            f"{loaded.path} is not a LoRA checkpoint (one trained with --lora-rank), so it has "
+            "no adapter to export; drop --adapter-only"
+        )
+    with _atomic_dir(out) as tmp:
+        if adapter_only:
+            base = base_model or loaded.meta["lora"]["base"]["path"]
+            _write_adapter(tmp, loaded, dtype, base)
+            (tmp / "README.md").write_text(_adapter_readme(loaded.meta, base), encoding="utf-8")
+        else:
+            _write_model(tmp, loaded, dtype)
+            (tmp / "README.md").write_text(_readme(loaded.meta, loaded.model), encoding="utf-8")
+        _write_tokenizer(tmp, loaded.tokenizer)
+    return out
 
+
+@contextlib.contextmanager
+def _atomic_dir(out: Path) -> Iterator[Path]:
+    """A temporary folder next to `out` that replaces `out` when the block succeeds."""
     tmp = out.parent / f".tmp-export-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        weights = {
-            k: v.detach().to(getattr(torch, dtype)).contiguous()
-            for k, v in hf_state_dict(model, include_lm_head=False).items()
-        }
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", hf_config(model.config, tok, dtype))
-        _write_json(
-            tmp / "generation_config.json",
-            {
-                "bos_token_id": tok.bos_id,
-                "eos_token_id": tok.eos_id,
-                "pad_token_id": tok.pad_id,
-                "do_sample": True,
-                "temperature": 0.85,
-                "top_p": 0.85,
-            },
-        )
-        shutil.copyfile(tok.path, tmp / "tokenizer.json")
-        tcfg = tokenizer_config(tok_dir)
-        _write_json(tmp / "tokenizer_config.json", tcfg)
-        _write_json(
-            tmp / "special_tokens_map.json",
-            {k: tcfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
-        )
-        (tmp / "README.md").write_text(_readme(meta, model), encoding="utf-8")
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def _write_model(tmp: Path, loaded, dtype: str) -> None:
+    """config.json, model.safetensors (LLaMA names, tied head not stored), generation config."""
+    import torch
+    from safetensors.torch import save_file
+
+    from spongebob.model import hf_state_dict
+
+    model, tok = loaded.model, loaded.tokenizer
+    weights = {
+        k: v.detach().to(getattr(torch, dtype)).contiguous()
+        for k, v in hf_state_dict(model, include_lm_head=False).items()
+    }
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(tmp / "config.json", hf_config(model.config, tok, dtype))
+    _write_json(
+        tmp / "generation_config.json",
+        {
+            "bos_token_id": tok.bos_id,
+            "eos_token_id": tok.eos_id,
+            "pad_token_id": tok.pad_id,
+            "do_sample": True,
+            "temperature": 0.85,
+            "top_p": 0.85,
+        },
+    )
+
+
+def _write_adapter(tmp: Path, loaded, dtype: str, base: str) -> None:
+    """PEFT's adapter_model.safetensors (its tensor names) and adapter_config.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    from spongebob import lora
+
+    weights = {
+        k: v.to(getattr(torch, dtype)).contiguous()
+        for k, v in lora.adapter_state_dict(loaded.model).items()
+    }
+    save_file(weights, str(tmp / lora.ADAPTER_FILE), metadata={"format": "pt"})
+    spec = lora.lora_spec(loaded.model)
+    _write_json(tmp / lora.ADAPTER_CONFIG_FILE, lora.adapter_config(spec, base))
+
+
+def _write_tokenizer(tmp: Path, tok) -> None:
+    shutil.copyfile(tok.path, tmp / "tokenizer.json")
+    tcfg = tokenizer_config(Path(tok.path).parent)
+    _write_json(tmp / "tokenizer_config.json", tcfg)
+    _write_json(
+        tmp / "special_tokens_map.json",
+        {k: tcfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
+    )
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -146,7 +204,7 @@ def _readme(meta: dict, model) -> str:
     return f"""# SpongeBob model (LlamaForCausalLM)
 
 Exported by `spongebob export hf` from `{meta.get("path")}` (stage {meta.get("stage", "?")},
-step {meta.get("step", "?")}); {format_params(model.num_parameters())} parameters.
+step {meta.get("step", "?")}); {format_params(model.num_parameters())} parameters.{_merged(meta)}
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -159,6 +217,38 @@ print(tok.decode(model.generate(ids, max_new_tokens=64)[0][ids.shape[1]:]))
 ```
 
 Or chat with it: `spongebob chat --ckpt THIS_DIR`.
+"""
+
+
+def _merged(meta: dict) -> str:
+    info = meta.get("lora")
+    if not info:
+        return ""
+    return (
+        f"\nLoRA adapters (rank {info.get('rank')}, alpha {info.get('alpha')}) merged into the "
+        f"base `{info.get('base', {}).get('path')}`."
+    )
+
+
+def _adapter_readme(meta: dict, base: str) -> str:
+    info = meta["lora"]
+    return f"""# SpongeBob LoRA adapter (PEFT)
+
+Exported by `spongebob export hf --adapter-only` from `{meta.get("path")}` (stage
+{meta.get("stage", "?")}, step {meta.get("step", "?")}): rank {info["rank"]}, alpha
+{info["alpha"]}, on {", ".join(info["targets"])}; {info.get("parameters", "?")} parameters.
+
+The base is the Hugging Face export of `{info["base"]["path"]}`
+(`spongebob export hf --ckpt {info["base"]["path"]} --out BASE`); `adapter_config.json` names
+it as `{base}`.
+
+```python
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+
+model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained("BASE"), "THIS_DIR")
+model = model.merge_and_unload()  # optional: a plain LlamaForCausalLM
+```
 """
 
 
@@ -178,10 +268,46 @@ def add_commands(sub) -> None:
     h.add_argument("--dtype", choices=DTYPES, default="float32")
     h.add_argument("--tokenizer", type=Path, metavar="DIR")
     h.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    h.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="a LoRA checkpoint as a PEFT adapter folder (adapter_config.json, "
+        "adapter_model.safetensors) instead of the merged model",
+    )
+    h.add_argument(
+        "--base-model",
+        metavar="NAME_OR_DIR",
+        help="with --adapter-only: the adapter config's base_model_name_or_path, i.e. the HF "
+        "export of the base checkpoint (default: the base checkpoint's path)",
+    )
     h.set_defaults(func=_cmd_export_hf)
 
 
 def _cmd_export_hf(args) -> int:
-    out = export_hf(args.ckpt, args.out, args.dtype, args.tokenizer, args.force)
+    out = export_hf(
+        args.ckpt,
+        args.out,
+        args.dtype,
+        args.tokenizer,
+        args.force,
+        adapter_only=args.adapter_only,
+        base_model=args.base_model,
+    )
     print(f"exported to {out}", file=sys.stderr)
+    if not args.adapter_only:
+        return 0
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if args.base_model is None and not _is_hf_folder(Path(base)):
+        print(
+            f"base_model_name_or_path is {base}; export that base with `spongebob export hf "
+            f"--ckpt {base} --out BASE` and load the adapter on BASE (or pass --base-model BASE)",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _is_hf_folder(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "llama"
+    except (OSError, ValueError):
+        return False
