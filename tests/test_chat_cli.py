@@ -112,7 +112,8 @@ def _clean(s: str) -> str:
 
 
 def test_two_turn_conversation_in_a_pseudo_terminal_keeps_history(ckpt, expected):
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
+
     u1, u2, r1, r2, r2_alone = expected
     child = pexpect.spawn(
         sys.executable,
@@ -141,7 +142,8 @@ def test_two_turn_conversation_in_a_pseudo_terminal_keeps_history(ckpt, expected
 
 
 def test_slash_exit_ends_the_repl(ckpt):
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
+
     child = pexpect.spawn(
         sys.executable,
         ["-m", "spongebob", "chat", "--ckpt", str(ckpt), "--device", "cpu"],

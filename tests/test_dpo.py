@@ -382,7 +382,6 @@ def test_dpo_loss_plugs_into_optimizer_step_with_accumulation(pairs, ckpts):
 @pytest.fixture(scope="module")
 def trl_dpo(ckpts, tmp_path_factory):
     """TRL's DPOTrainer (sigmoid loss, beta 0.1) on the exported policy and reference."""
-    pytest.importorskip("trl")  # until trl is in the test extras (then a plain import)
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer

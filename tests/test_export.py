@@ -8,13 +8,12 @@ import sys
 
 import pytest
 import torch
+import transformers
 
 from spongebob.errors import UserError
 from spongebob.export import export_hf
 from spongebob.generate import Generator, SamplingConfig
 from test_generate import load_ckpt
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

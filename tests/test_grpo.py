@@ -209,7 +209,6 @@ def trl_advantages(rewards: torch.Tensor, G: int, scale: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_group_advantages_equal_trl(scale):
-    pytest.importorskip("trl")  # until trl is in the test extras (then a plain import)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 3.0, -1.0, 0.25, 2.0])
     got = group_advantages(rewards, 4, scale=scale)
     torch.testing.assert_close(got, trl_advantages(rewards, 4, scale), rtol=1e-6, atol=1e-6)
@@ -426,7 +425,6 @@ BETA = 0.04
 @pytest.fixture(scope="module")
 def trl_grpo(ckpts, tmp_path_factory):
     """TRL's GRPOTrainer on the exported policy (beta 0.04, epsilon 0.2, its default "dapo")."""
-    pytest.importorskip("trl")  # until trl is in the test extras (then a plain import)
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer

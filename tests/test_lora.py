@@ -28,11 +28,10 @@ from spongebob.model import SpongeBob, preset
 from spongebob.train import config_from_args, train
 
 sys.path.insert(0, str(Path(__file__).parent))
+import transformers
+
 from test_train import batches_per_epoch, small
 from test_train_helpers import write_lines
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 # fp32 logits of two implementations of the same maths (different summation orders): the
 # logits here are O(1-10), so 1e-4 is ~1e-5 relative.

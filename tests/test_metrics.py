@@ -22,6 +22,9 @@ def test_flops_per_token_is_six_n_plus_the_attention_term():
     n = model.num_parameters()
     assert n == 28_975_616
     assert model.flops_per_token(512) == 6 * n + 12 * 8 * 512 * 512
+    model.embed_tokens.weight.requires_grad_(False)  # frozen weights: forward + input grads
+    frozen = model.embed_tokens.weight.numel()
+    assert model.flops_per_token(512) == 6 * (n - frozen) + 4 * frozen + 12 * 8 * 512 * 512
 
 
 def test_window_reports_tokens_per_second_and_mfu_against_the_peak():

@@ -354,12 +354,14 @@ class SpongeBob(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), docs/architecture.md "MFU":
-        6 · N (every weight, the tied output layer included, does a multiply-add forward and
-        two backward) + 12 · layers · dim · seq_len for the attention scores and their use
-        (causal attention over a full row; packed documents attend less, so MFU is an upper
-        bound there)."""
+        6 per trained weight (a multiply-add forward, two backward) and 4 per frozen one (a LoRA
+        run's base still passes gradients to its input), the tied output layer counted once,
+        + 12 · layers · dim · seq_len for the attention scores and their use (causal attention
+        over a full row; packed documents attend less, so MFU is an upper bound there)."""
         c = self.config
-        return 6.0 * self.num_parameters() + 12.0 * c.n_layers * c.dim * seq_len
+        trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = self.num_parameters() - trained
+        return 6.0 * trained + 4.0 * frozen + 12.0 * c.n_layers * c.dim * seq_len
 
     # -- forward --
 
