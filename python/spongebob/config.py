@@ -19,7 +19,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replac
 
 from spongebob.errors import UserError
 
-STAGE_ORDER: tuple[str, ...] = ("pretrain", "sft", "sft-long", "distill")
+STAGE_ORDER: tuple[str, ...] = ("pretrain", "sft", "sft-long", "distill", "dpo")
 
 # The projections `--lora-targets` may name (every linear layer of a block; spongebob.lora).
 LORA_TARGETS: tuple[str, ...] = (
@@ -63,6 +63,13 @@ STAGES: dict[str, StagePreset] = {
         think_weight=10.0, init_from="sft-long",
         description="R1-style reasoning distillation (<think>/<answer> tags weigh 10)",
     ),
+    "dpo": StagePreset(
+        # MiniMind's train_dpo: lr 4e-8 and β 0.15 (--dpo-beta) on its 64M model.
+        kind="pairs", seq_len=1024, epochs=1, batch_size=4, accum=1, lr=4e-8,
+        init_from="distill",
+        description="direct preference optimisation on {\"chosen\", \"rejected\"} pairs "
+        "(dpo.jsonl) against the frozen starting model",
+    ),
 }  # fmt: skip
 
 
@@ -89,7 +96,7 @@ class TrainConfig:
         None, "tokenizer folder (default: the init checkpoint's)", metavar="DIR"
     )
     # data
-    kind: str = opt("text", "data kind: text (pretraining documents) or chat (conversations)")
+    kind: str = opt("text", "data: text (documents), chat (conversations) or pairs (preferences)")
     seq_len: int = opt(512, "tokens per row")
     think_weight: float = opt(1.0, "loss weight of reasoning-tag tokens in assistant content")
     cache_dir: str | None = opt(
@@ -144,6 +151,9 @@ class TrainConfig:
     eval_every: int = opt(0, "validate every N steps (0 = only at the end)")
     eval_batches: int = opt(100, "max validation batches per process, 0 = all")
     val_split: float = opt(0.0, "hold out this fraction of the training documents for validation")
+    dpo_beta: float = opt(
+        0.15, "DPO: β of the sigmoid loss (how far the policy may leave the reference)"
+    )
     # logging
     log_every: int = opt(10, "metrics every N steps")
     wandb: bool = opt(False, "log to Weights & Biases (WANDB_MODE=offline works)")
@@ -155,7 +165,7 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise UserError(f"unknown stage {self.stage!r}; choose from {', '.join(STAGES)}")
         choices = {
-            "kind": ("text", "chat"),
+            "kind": ("text", "chat", "pairs"),
             "kernels": ("auto", "torch", "triton"),
             "attention": ("auto", "sdpa", "flex"),
             "on_bad_line": ("error", "skip"),
@@ -177,6 +187,10 @@ class TrainConfig:
             raise UserError("--warmup, --keep, --eval-every and --eval-batches cannot be negative")
         if not 0.0 <= self.val_split < 1.0:
             raise UserError(f"--val-split must be in [0, 1), not {self.val_split}")
+        if self.kind == "pairs" and self.val_split:
+            raise UserError("--val-split is for documents; give preference pairs as --eval-data")
+        if self.dpo_beta <= 0:
+            raise UserError(f"--dpo-beta must be positive, not {self.dpo_beta}")
         if self.val_split and self.eval_data:
             raise UserError("give either --eval-data or --val-split, not both")
         if self.dtype not in ("auto", "bf16", "fp32"):

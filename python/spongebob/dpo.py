@@ -597,3 +597,118 @@ def precompute_reference(
             chunk = []
     if chunk:
         yield from fill(chunk)
+
+
+# --- the training stage's loader -----------------------------------------------------------
+
+
+class PairDataset:
+    """Batches of `collate_pairs` with `spongebob.data.PackedDataset`'s interface, so the one
+    training loop runs the `dpo` stage (contracts.md §5).
+
+    Epoch order: a permutation of the pairs seeded by (seed, epoch). Global batch g holds
+    pairs [g·B·W, (g+1)·B·W) of that order; rank r takes its B pairs at offset r·B. The tail of
+    fewer than B·W pairs is dropped (another tail each epoch). Sides longer than `seq_len + 1`
+    tokens are cut there, as the chat loader cuts conversations. The state is (epoch,
+    batches handed out, fingerprint); a state of another configuration is refused.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike] | str | os.PathLike,
+        tokenizer,
+        seq_len: int = 1024,
+        batch_size: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        on_bad_line: str = "error",
+        **_: Any,  # the token loader's options (think_weight, cache_dir) mean nothing here
+    ) -> None:
+        reader = PairReader(paths, tokenizer, max_len=seq_len + 1, on_bad_line=on_bad_line)
+        self.pairs = list(reader)
+        self._stats = {**reader.stats(), "pairs": len(self.pairs)}
+        self.pad_id = int(tokenizer.pad_id)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        ident = [
+            [str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns]
+            for p in reader.paths
+        ]
+        key = [ident, tokenizer.hash, seq_len, batch_size, seed, rank, world_size, on_bad_line]
+        self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+        self.epoch = self.batches = 0
+
+    def __len__(self) -> int:
+        """Batches this rank gets per epoch."""
+        return len(self.pairs) // (self.batch_size * self.world_size)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order, B, W = self._order(self.epoch), self.batch_size, self.world_size
+        while self.batches < len(self):
+            start = self.batches * B * W + self.rank * B
+            chunk = [self.pairs[i] for i in order[start : start + B]]
+            self.batches += 1
+            yield collate_pairs(chunk, pad_id=self.pad_id)
+        self.epoch, self.batches = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.batches, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                "the pair loader's state is from another configuration (files, tokenizer, "
+                "seq_len, batch size, seed, rank or world size differ)"
+            )
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats)
+
+    def attach_reference(self, ref_model: torch.nn.Module, cache_path: Path | None) -> int:
+        """Fill every pair's reference log-probs from `ref_model` (frozen, run once) or from
+        the cache at `cache_path`; returns how many were computed (not cached)."""
+        cache = ReferenceCache(cache_path, model_fingerprint(ref_model))
+        before = len(cache)
+        self.pairs = list(
+            precompute_reference(ref_model, self.pairs, cache=cache, pad_id=self.pad_id)
+        )
+        computed = len(cache) - before
+        if computed:
+            cache.save()
+        return computed
+
+
+@torch.no_grad()
+def evaluate_pairs(model: torch.nn.Module, ds: PairDataset, rt, beta: float, max_batches: int = 0):
+    """DPO loss, reward margin and preference accuracy over `ds` (all ranks): the share of
+    pairs whose chosen reply gains more log-probability over the reference than the rejected."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # pairs, loss, margin, correct
+    for n, b in enumerate(ds, 1):
+        b = {k: v.to(rt.device) for k, v in b.items()}
+        with rt.autocast():
+            pol_c, pol_r = sequence_logps(model, b["input_ids"], b["labels"]).chunk(2)
+        ref_c, ref_r = b["ref_chosen_logps"], b["ref_rejected_logps"]
+        loss, m = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta)
+        p = float(m["pairs"])
+        sums += torch.tensor([p, float(loss) * p, float(m["rewards/margin"]) * p,
+                              float(m["rewards/accuracy"]) * p], dtype=torch.float64)  # fmt: skip
+        if max_batches and n >= max_batches:
+            break
+    sums = rt.all_reduce_sum(sums.to(rt.device)).cpu()
+    model.train(was_training)
+    p = float(sums[0]) or 1.0
+    return {
+        "eval_loss": float(sums[1]) / p,
+        "eval_margin": float(sums[2]) / p,
+        "eval_accuracy": float(sums[3]) / p,
+        "eval_pairs": int(sums[0]),
+    }

@@ -22,6 +22,7 @@ from spongebob import checkpoint as ck
 from spongebob.config import STAGE_ORDER, STAGES, TrainConfig
 from spongebob.errors import UserError
 from spongebob.runtime import Runtime, check_kernels, rng_state, seed_everything, set_rng_state
+from spongebob.step import count_trained, lm_loss
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = (
-    "kind", "seq_len", "batch_size", "accum", "seed", "think_weight", "val_split",
+    "kind", "seq_len", "batch_size", "accum", "seed", "think_weight", "val_split", "dpo_beta",
     "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
 )  # fmt: skip
 
@@ -57,6 +58,11 @@ class Stage:
         )
     )
     lora_base: dict | None = None  # LoRA: checkpoint.base_reference of the frozen weights
+    # What the step minimises and counts (step.optimizer_step): the LM loss over trained tokens,
+    # or the DPO loss over pairs; `unit` names what count_fn counts, for the metrics.
+    loss_fn: Callable = field(default_factory=lambda: lm_loss)
+    count_fn: Callable = field(default_factory=lambda: count_trained)
+    unit: str = "trained_tokens"
 
     @property
     def ckpt_root(self) -> Path:
@@ -112,10 +118,15 @@ def _plain(obj):
     return obj
 
 
-def default_dataset_factory(paths, tokenizer, **kw):
+def default_dataset_factory(paths, tokenizer, kind: str = "text", **kw):
+    """The loader of a data kind: packed token rows (text, chat) or preference pairs."""
+    if kind == "pairs":
+        from spongebob.dpo import PairDataset
+
+        return PairDataset(paths, tokenizer, **kw)
     from spongebob.data import PackedDataset
 
-    return PackedDataset(paths, tokenizer, **kw)
+    return PackedDataset(paths, tokenizer, kind=kind, **kw)
 
 
 # --- where the weights come from -----------------------------------------------------------
@@ -258,10 +269,10 @@ def _loaders(cfg: TrainConfig, rt: Runtime, tok, factory: Callable):
     if rt.distributed and rt.is_main and cfg.cache_dir:
         rt.barrier()
     stats = ds.stats() if hasattr(ds, "stats") else {}
-    if stats.get("skipped") or stats.get("truncated"):
+    if any((stats.get("skipped") or {}).values()) or stats.get("truncated"):
         rt.log(
             f"data: skipped bad lines {dict(stats.get('skipped') or {})}, "
-            f"{stats.get('truncated', 0)} conversation(s) truncated at {cfg.seq_len + 1} tokens"
+            f"{stats.get('truncated', 0)} record(s) truncated at {cfg.seq_len + 1} tokens"
         )
     if len(ds) == 0:
         raise UserError("the training data gives no batches (too little data for one row?)")
@@ -303,6 +314,8 @@ def prepare(cfg: TrainConfig, rt: Runtime, factory: Callable | None = None) -> S
     stage_dir = Path(cfg.out) / cfg.stage
     resume, init = _weights_source(cfg, stage_dir)
     src = resume or init
+    if cfg.kind == "pairs" and src is None:
+        raise UserError("DPO starts from a trained model: pass --init CKPT (not 'none')")
     tok_dir = _tokenizer_dir(cfg, src)
     model, tok, lora_base = _model(cfg, rt, src, tok_dir, resumed=resume is not None)
     if init is not None:
@@ -333,12 +346,35 @@ def prepare(cfg: TrainConfig, rt: Runtime, factory: Callable | None = None) -> S
     opt = build_optimizer(model, cfg, rt.device)
     st = Stage(cfg, rt, stage_dir, tok, tok_dir, model, train_model, opt, ds, val, total, init)
     st.lora_base = lora_base
+    if cfg.kind == "pairs":
+        _preferences(st, resume)
     if resume is not None:
         _restore(st, resume)
     if rt.is_main:
         ck.clean_stale_temps(st.ckpt_root)
         ck.clean_stale_temps(stage_dir)
     return st
+
+
+def _preferences(st: Stage, resume: Path | None) -> None:
+    """DPO: the frozen reference is the model this stage started from. Its log-probs of every
+    pair are computed once, before the first step (or read from OUT/dpo/reference_logps.pt), so
+    no second model is held while training."""
+    from spongebob.dpo import DPOLoss, count_pairs
+
+    if resume is None:
+        ref = st.model  # not trained yet: it is the starting model
+    else:
+        init = ck.read_meta(resume).get("init")
+        if not init:
+            raise UserError(f"{resume}: no starting checkpoint recorded, so no DPO reference")
+        ref = ck.load(init, st.rt.device, kernels=st.cfg.kernels).model
+    cache = st.dir / "reference_logps.pt" if st.rt.is_main else None
+    for ds in (st.data, st.val):
+        if ds is not None:
+            n = ds.attach_reference(ref, cache)
+            st.rt.log(f"DPO reference log-probs: {n} computed, {len(ds.pairs) - n} from the cache")
+    st.loss_fn, st.count_fn, st.unit = DPOLoss(st.cfg.dpo_beta), count_pairs, "pairs"
 
 
 def _restore(st: Stage, ckpt: Path) -> None:

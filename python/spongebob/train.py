@@ -77,7 +77,8 @@ def _run(cfg: TrainConfig, rt, factory: Callable | None) -> TrainResult:
 
     st = prepare(cfg, rt, factory)
     metrics = MetricsLog(st.dir / "metrics.jsonl", rt.is_main, st.start_step, _wandb_args(st))
-    token_bytes = token_byte_lengths(st.tokenizer) if st.val is not None else None
+    lm_val = st.val is not None and cfg.kind != "pairs"  # pairs: dpo.evaluate_pairs
+    token_bytes = token_byte_lengths(st.tokenizer) if lm_val else None
     val_state0 = st.val.state_dict() if st.val is not None else None
     window = Window(st.model.flops_per_token(cfg.seq_len), peak_flops(rt.device, rt.dtype))
     rt.log(
@@ -100,7 +101,10 @@ def _run(cfg: TrainConfig, rt, factory: Callable | None) -> TrainResult:
         while step < st.total_steps:
             batches = [next(stream) for _ in range(cfg.accum)]
             lr = lr_at(step, cfg, st.total_steps)
-            res = optimizer_step(st.train_model, params, st.opt, batches, lr, cfg.grad_clip, rt)
+            res = optimizer_step(
+                st.train_model, params, st.opt, batches, lr, cfg.grad_clip, rt,
+                loss_fn=st.loss_fn, count_fn=st.count_fn,
+            )  # fmt: skip
             step += 1
             bar.update(1)
             st.counters["tokens"] += res.tokens
@@ -121,11 +125,12 @@ def _run(cfg: TrainConfig, rt, factory: Callable | None) -> TrainResult:
                     "epoch": st.data.state_dict().get("epoch"),
                     "lr": lr,
                     "grad_norm": res.grad_norm,
-                    **window.flush(),
+                    **_units(window.flush(), st.unit),
                     "tokens": st.counters["tokens"],
-                    "trained_tokens": st.counters["trained_tokens"],
+                    st.unit: st.counters["trained_tokens"],
                     "skipped_nonfinite": st.counters["skipped_nonfinite"],
                     "skipped_empty": st.counters["skipped_empty"],
+                    **_loss_metrics(st.loss_fn),
                 }
                 metrics.write(rec)
                 if rec["loss"] is not None:
@@ -169,6 +174,21 @@ def _run(cfg: TrainConfig, rt, factory: Callable | None) -> TrainResult:
 # --- the loop's helpers ----------------------------------------------------------------------
 
 
+def _loss_metrics(loss_fn) -> dict:
+    """What a stage's loss reports besides its value (DPO: rewards, margin, accuracy, log-probs),
+    averaged over the window; its own count of pairs is the record's `pairs` already."""
+    if not hasattr(loss_fn, "pop_metrics"):
+        return {}
+    return {k: v for k, v in loss_fn.pop_metrics().items() if k not in ("pairs", "loss")}
+
+
+def _units(window: dict, unit: str) -> dict:
+    """The window's counts under the stage's unit (`pairs_per_s` for DPO)."""
+    if unit != "trained_tokens":
+        window[f"{unit}_per_s"] = window.pop("trained_tokens_per_s")
+    return window
+
+
 def _postfix(rec: dict) -> dict:
     out = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}"}
     out["tok_s"] = f"{rec['tokens_per_s']:.0f}"
@@ -193,10 +213,21 @@ def _nonfinite(st, metrics, step: int, in_a_row: int) -> None:
 
 
 def _validate(st, metrics, step: int, token_bytes, state0: dict) -> dict:
-    """Score the validation loader from its start (contracts.md §6) and log it."""
+    """Score the validation loader from its start (contracts.md §6; preference accuracy and
+    reward margin for DPO) and log it."""
     from spongebob.evaluate import score_batches
 
     st.val.load_state_dict(state0)
+    if st.cfg.kind == "pairs":
+        from spongebob.dpo import evaluate_pairs
+
+        out = evaluate_pairs(st.model, st.val, st.rt, st.cfg.dpo_beta, st.cfg.eval_batches)
+        metrics.write({"stage": st.cfg.stage, "step": step, **out})
+        st.rt.log(
+            f"step {step}: eval DPO loss {out['eval_loss']:.4f}, preference accuracy "
+            f"{100 * out['eval_accuracy']:.1f} %, margin {out['eval_margin']:.3f}"
+        )
+        return out
     s = score_batches(st.model, st.val, st.rt, token_bytes, st.cfg.eval_batches)
     out = {
         "eval_loss": s["loss"],
