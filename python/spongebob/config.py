@@ -19,7 +19,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replac
 
 from spongebob.errors import UserError
 
-STAGE_ORDER: tuple[str, ...] = ("pretrain", "sft", "sft-long", "distill", "dpo")
+STAGE_ORDER: tuple[str, ...] = ("pretrain", "sft", "sft-long", "distill", "dpo", "grpo")
 
 # The projections `--lora-targets` may name (every linear layer of a block; spongebob.lora).
 LORA_TARGETS: tuple[str, ...] = (
@@ -70,6 +70,13 @@ STAGES: dict[str, StagePreset] = {
         description="direct preference optimisation on {\"chosen\", \"rejected\"} pairs "
         "(dpo.jsonl) against the frozen starting model",
     ),
+    "grpo": StagePreset(
+        # Prompts per micro-batch × --grpo-group completions each; seq_len bounds prompt + reply.
+        kind="prompts", seq_len=1024, epochs=1, batch_size=4, accum=1, lr=1e-6,
+        init_from="dpo",
+        description="GRPO with verifiable rewards on {\"conversations\", \"answer\"} prompts: "
+        "group-normalised advantages, clipped ratio, k3 KL to the starting model",
+    ),
 }  # fmt: skip
 
 
@@ -96,7 +103,7 @@ class TrainConfig:
         None, "tokenizer folder (default: the init checkpoint's)", metavar="DIR"
     )
     # data
-    kind: str = opt("text", "data: text (documents), chat (conversations) or pairs (preferences)")
+    kind: str = opt("text", "data: text, chat, pairs (DPO preferences) or prompts (GRPO)")
     seq_len: int = opt(512, "tokens per row")
     think_weight: float = opt(1.0, "loss weight of reasoning-tag tokens in assistant content")
     cache_dir: str | None = opt(
@@ -154,6 +161,16 @@ class TrainConfig:
     dpo_beta: float = opt(
         0.15, "DPO: β of the sigmoid loss (how far the policy may leave the reference)"
     )
+    grpo_group: int = opt(8, "GRPO: completions sampled per prompt (the group)")
+    grpo_max_new_tokens: int = opt(256, "GRPO: the longest completion, in tokens")
+    grpo_temperature: float = opt(1.0, "GRPO: sampling temperature of the rollouts")
+    grpo_beta: float = opt(0.04, "GRPO: weight of the k3 KL to the starting model (0 = none)")
+    grpo_clip: float = opt(0.2, "GRPO: ε of the clipped ratio")
+    rewards: list[str] = opt(
+        ["arithmetic", "format"],
+        "GRPO rewards, summed: arithmetic, format, or module:function / file.py:function",
+        metavar="REWARD",
+    )
     # logging
     log_every: int = opt(10, "metrics every N steps")
     wandb: bool = opt(False, "log to Weights & Biases (WANDB_MODE=offline works)")
@@ -165,7 +182,7 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise UserError(f"unknown stage {self.stage!r}; choose from {', '.join(STAGES)}")
         choices = {
-            "kind": ("text", "chat", "pairs"),
+            "kind": ("text", "chat", "pairs", "prompts"),
             "kernels": ("auto", "torch", "triton"),
             "attention": ("auto", "sdpa", "flex"),
             "on_bad_line": ("error", "skip"),
@@ -189,6 +206,17 @@ class TrainConfig:
             raise UserError(f"--val-split must be in [0, 1), not {self.val_split}")
         if self.kind == "pairs" and self.val_split:
             raise UserError("--val-split is for documents; give preference pairs as --eval-data")
+        if self.kind == "prompts" and self.val_split:
+            raise UserError("--val-split is for documents; give GRPO prompts as --eval-data")
+        if self.grpo_group < 2 or self.grpo_max_new_tokens < 1 or self.grpo_temperature <= 0:
+            raise UserError(
+                "--grpo-group must be at least 2, --grpo-max-new-tokens at least 1 and "
+                "--grpo-temperature positive (a group needs different samples)"
+            )
+        if self.grpo_beta < 0 or not 0 < self.grpo_clip < 1:
+            raise UserError("--grpo-beta cannot be negative and --grpo-clip must be in (0, 1)")
+        if not self.rewards:
+            raise UserError("--rewards needs at least one reward")
         if self.dpo_beta <= 0:
             raise UserError(f"--dpo-beta must be positive, not {self.dpo_beta}")
         if self.val_split and self.eval_data:

@@ -369,3 +369,193 @@ class GRPOLoss:
         if not n:
             return {}
         return {k: (v if k == "tokens" else v / n) for k, v in sums.items()}
+
+
+# --- the training stage's loader -------------------------------------------------------------
+
+
+@dataclass
+class RolloutConfig:
+    """How a GRPO stage samples: G completions per prompt of at most `max_new_tokens`."""
+
+    group: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.04
+    rewards: Sequence[str] = ("arithmetic", "format")
+
+
+class RolloutDataset:
+    """Rollout batches with `spongebob.data.PackedDataset`'s interface, so the one training
+    loop runs the `grpo` stage (contracts.md §5).
+
+    Epoch order: a permutation of the prompts seeded by (seed, epoch); global batch g holds
+    prompts [g·B·W, (g+1)·B·W), rank r its B at offset r·B (the tail is dropped). Pulling a
+    batch samples G completions of each prompt from the *current* policy (`bind`), in eval
+    mode without gradient, then scores them, so rollout and update never hold their memory at
+    once. Sampling is seeded by (seed, epoch, batch, rank): a resumed run draws the same
+    completions. One update per rollout, so the old policy is the current one (ratio 1 at the
+    update, as TRL with one iteration); the frozen reference gives `ref_logps` when β > 0.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike] | str | os.PathLike,
+        tokenizer,
+        seq_len: int = 1024,
+        batch_size: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        on_bad_line: str = "error",
+        **_: Any,  # the token loader's options mean nothing here
+    ) -> None:
+        import hashlib
+        import json
+        from pathlib import Path
+
+        reader = PromptReader(paths, tokenizer, on_bad_line=on_bad_line)
+        self.prompts = [p for p in reader if len(p.prompt_ids) < seq_len]
+        self._stats = {**reader.stats(), "truncated": reader.records - len(self.prompts)}
+        if not self.prompts:
+            raise UserError(
+                f"no prompt shorter than --seq-len {seq_len} in {list(map(str, paths))}"
+            )
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        ident = [
+            [str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns]
+            for p in reader.paths
+        ]
+        key = [ident, tokenizer.hash, seq_len, batch_size, seed, rank, world_size, on_bad_line]
+        self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+        self.epoch = self.batches = 0
+        self.policy = self.ref = None
+        self.cfg = RolloutConfig()
+        self._fns: list = []
+        self._metrics: dict[str, float] = defaultdict(float)
+
+    def bind(self, policy, ref, cfg: RolloutConfig) -> None:
+        """The models to sample from and to anchor to, and how to sample and score."""
+        from spongebob.rewards import load_reward
+
+        self.policy, self.ref, self.cfg = policy, ref, cfg
+        self._fns = [load_reward(r) for r in cfg.rewards]
+
+    def __len__(self) -> int:
+        return len(self.prompts) // (self.batch_size * self.world_size)
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
+        B, W = self.batch_size, self.world_size
+        while self.batches < len(self):
+            start = self.batches * B * W + self.rank * B
+            chunk = [self.prompts[i] for i in order[start : start + B]]
+            sample_seed = int(
+                np.random.default_rng([self.seed, self.epoch, self.batches, self.rank]).integers(
+                    2**31
+                )
+            )
+            self.batches += 1
+            yield self.rollout(chunk, sample_seed)
+        self.epoch, self.batches = self.epoch + 1, 0
+
+    def rollout(self, prompts: Sequence[PromptRecord], sample_seed: int, group: int | None = None,
+                greedy: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+        """G completions of each prompt from the policy, scored: a `collate_rollouts` batch
+        with `advantages` (and `ref_logps` when β > 0), plus `rewards` [P·G]."""
+        import time
+
+        from spongebob.generate import Generator, SamplingConfig
+        from spongebob.rewards import score
+
+        G = group or self.cfg.group
+        max_new = min(
+            self.cfg.max_new_tokens, self.seq_len - max(len(p.prompt_ids) for p in prompts)
+        )
+        sampling = SamplingConfig(
+            max_new_tokens=max(1, max_new),
+            temperature=0.0 if greedy else self.cfg.temperature,
+            top_p=self.cfg.top_p, seed=sample_seed,
+        )  # fmt: skip
+        rows = [p for p in prompts for _ in range(G)]
+        was_training = self.policy.training
+        self.policy.eval()
+        t0 = time.perf_counter()
+        try:
+            gens = Generator(self.policy, self.tokenizer).generate(
+                [p.prompt_ids for p in rows], sampling
+            )
+        finally:
+            self.policy.train(was_training)
+        dt = time.perf_counter() - t0
+        eos = int(self.tokenizer.eos_id)
+        completions = [completion_ids(g, eos) for g in gens]
+        total, _ = score(
+            self._fns, [g.text for g in gens], [p.messages for p in rows],
+            answers=[p.answer for p in rows], records=[p.record for p in rows],
+            sources=[p.source for p in rows],
+        )  # fmt: skip
+        adv = group_advantages(total, G)
+        batch = collate_rollouts(
+            [p.prompt_ids for p in rows], completions, adv, pad_id=int(self.tokenizer.pad_id)
+        )
+        batch["rewards"] = total
+        if self.ref is not None and self.cfg.beta > 0:
+            batch["ref_logps"] = rollout_logps(self.ref, batch).cpu()
+        n_new = sum(len(c) for c in completions)
+        m = self._metrics
+        m["rollouts"] += len(rows)
+        m["reward_sum"] += float(total.sum())
+        m["reward_sq"] += float((total**2).sum())
+        m["completion_tokens"] += n_new
+        m["rollout_s"] += dt
+        return batch
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Reward mean and std, completion length and rollout tokens/s since the last call."""
+        m, self._metrics = self._metrics, defaultdict(float)
+        n = m.get("rollouts", 0.0)
+        if not n:
+            return {}
+        mean = m["reward_sum"] / n
+        return {
+            "reward_mean": mean,
+            "reward_std": max(m["reward_sq"] / n - mean * mean, 0.0) ** 0.5,
+            "completion_len": m["completion_tokens"] / n,
+            "rollout_tokens_per_s": m["completion_tokens"] / max(m["rollout_s"], 1e-9),
+        }
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.batches, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                "the prompt loader's state is from another configuration (files, tokenizer, "
+                "seq_len, batch size, seed, rank or world size differ)"
+            )
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats)
+
+
+@torch.no_grad()
+def evaluate_prompts(ds: RolloutDataset, rt, max_batches: int = 0) -> dict[str, float]:
+    """Mean reward of greedy replies (one per prompt) over `ds` (all ranks)."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    B, W = ds.batch_size, ds.world_size
+    n_batches = max(1, -(-len(ds.prompts) // (B * W)))
+    for g in range(n_batches if not max_batches else min(n_batches, max_batches)):
+        chunk = ds.prompts[g * B * W + ds.rank * B : g * B * W + ds.rank * B + B]
+        if chunk:
+            r = ds.rollout(chunk, 0, group=1, greedy=True)["rewards"]
+            sums += torch.tensor([len(chunk), float(r.sum())], dtype=torch.float64)
+    ds.pop_metrics()  # evaluation rollouts are not training metrics
+    sums = rt.all_reduce_sum(sums.to(rt.device)).cpu()
+    return {"eval_reward": float(sums[1]) / max(float(sums[0]), 1.0), "eval_prompts": int(sums[0])}

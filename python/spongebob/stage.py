@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 # Settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = (
     "kind", "seq_len", "batch_size", "accum", "seed", "think_weight", "val_split", "dpo_beta",
+    "grpo_group", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta", "grpo_clip", "rewards",
     "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
 )  # fmt: skip
 
@@ -124,6 +125,10 @@ def default_dataset_factory(paths, tokenizer, kind: str = "text", **kw):
         from spongebob.dpo import PairDataset
 
         return PairDataset(paths, tokenizer, **kw)
+    if kind == "prompts":
+        from spongebob.grpo import RolloutDataset
+
+        return RolloutDataset(paths, tokenizer, **kw)
     from spongebob.data import PackedDataset
 
     return PackedDataset(paths, tokenizer, kind=kind, **kw)
@@ -314,8 +319,8 @@ def prepare(cfg: TrainConfig, rt: Runtime, factory: Callable | None = None) -> S
     stage_dir = Path(cfg.out) / cfg.stage
     resume, init = _weights_source(cfg, stage_dir)
     src = resume or init
-    if cfg.kind == "pairs" and src is None:
-        raise UserError("DPO starts from a trained model: pass --init CKPT (not 'none')")
+    if cfg.kind in ("pairs", "prompts") and src is None:
+        raise UserError(f"{cfg.stage} starts from a trained model: pass --init CKPT (not 'none')")
     tok_dir = _tokenizer_dir(cfg, src)
     model, tok, lora_base = _model(cfg, rt, src, tok_dir, resumed=resume is not None)
     if init is not None:
@@ -348,6 +353,8 @@ def prepare(cfg: TrainConfig, rt: Runtime, factory: Callable | None = None) -> S
     st.lora_base = lora_base
     if cfg.kind == "pairs":
         _preferences(st, resume)
+    elif cfg.kind == "prompts":
+        _rollouts(st, resume)
     if resume is not None:
         _restore(st, resume)
     if rt.is_main:
@@ -375,6 +382,38 @@ def _preferences(st: Stage, resume: Path | None) -> None:
             n = ds.attach_reference(ref, cache)
             st.rt.log(f"DPO reference log-probs: {n} computed, {len(ds.pairs) - n} from the cache")
     st.loss_fn, st.count_fn, st.unit = DPOLoss(st.cfg.dpo_beta), count_pairs, "pairs"
+
+
+def _starting_model(st: Stage, resume: Path | None):
+    """A frozen copy of the weights this stage started from (for DPO and GRPO references)."""
+    import copy
+
+    if resume is None:
+        ref = copy.deepcopy(st.model)
+    else:
+        init = ck.read_meta(resume).get("init")
+        if not init:
+            raise UserError(f"{resume}: no starting checkpoint recorded, so no reference model")
+        ref = ck.load(init, st.rt.device, kernels=st.cfg.kernels).model
+    return ref.eval().requires_grad_(False)
+
+
+def _rollouts(st: Stage, resume: Path | None) -> None:
+    """GRPO: the loaders sample from the policy being trained; with β > 0 a frozen copy of the
+    starting model is the KL reference (a second model in memory, small next to the rollouts)."""
+    from spongebob.grpo import GRPOLoss, RolloutConfig
+
+    c = st.cfg
+    ref = _starting_model(st, resume) if c.grpo_beta > 0 else None
+    rc = RolloutConfig(
+        group=c.grpo_group, max_new_tokens=c.grpo_max_new_tokens, temperature=c.grpo_temperature,
+        beta=c.grpo_beta, rewards=tuple(c.rewards),
+    )  # fmt: skip
+    for ds in (st.data, st.val):
+        if ds is not None:
+            ds.bind(st.model, ref, rc)
+    loss = GRPOLoss(clip_eps=c.grpo_clip, beta=c.grpo_beta)
+    st.loss_fn, st.count_fn, st.unit = loss, loss.count, "completion_tokens"
 
 
 def _restore(st: Stage, ckpt: Path) -> None:

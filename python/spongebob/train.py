@@ -77,7 +77,7 @@ def _run(cfg: TrainConfig, rt, factory: Callable | None) -> TrainResult:
 
     st = prepare(cfg, rt, factory)
     metrics = MetricsLog(st.dir / "metrics.jsonl", rt.is_main, st.start_step, _wandb_args(st))
-    lm_val = st.val is not None and cfg.kind != "pairs"  # pairs: dpo.evaluate_pairs
+    lm_val = st.val is not None and cfg.kind in ("text", "chat")  # else dpo/grpo evaluate
     token_bytes = token_byte_lengths(st.tokenizer) if lm_val else None
     val_state0 = st.val.state_dict() if st.val is not None else None
     window = Window(st.model.flops_per_token(cfg.seq_len), peak_flops(rt.device, rt.dtype))
@@ -131,6 +131,7 @@ def _run(cfg: TrainConfig, rt, factory: Callable | None) -> TrainResult:
                     "skipped_nonfinite": st.counters["skipped_nonfinite"],
                     "skipped_empty": st.counters["skipped_empty"],
                     **_loss_metrics(st.loss_fn),
+                    **(st.data.pop_metrics() if hasattr(st.data, "pop_metrics") else {}),
                 }
                 metrics.write(rec)
                 if rec["loss"] is not None:
@@ -179,7 +180,8 @@ def _loss_metrics(loss_fn) -> dict:
     averaged over the window; its own count of pairs is the record's `pairs` already."""
     if not hasattr(loss_fn, "pop_metrics"):
         return {}
-    return {k: v for k, v in loss_fn.pop_metrics().items() if k not in ("pairs", "loss")}
+    skip = ("pairs", "loss", "tokens")  # the record has them already
+    return {k: v for k, v in loss_fn.pop_metrics().items() if k not in skip}
 
 
 def _units(window: dict, unit: str) -> dict:
@@ -218,6 +220,13 @@ def _validate(st, metrics, step: int, token_bytes, state0: dict) -> dict:
     from spongebob.evaluate import score_batches
 
     st.val.load_state_dict(state0)
+    if st.cfg.kind == "prompts":
+        from spongebob.grpo import evaluate_prompts
+
+        out = evaluate_prompts(st.val, st.rt, st.cfg.eval_batches)
+        metrics.write({"stage": st.cfg.stage, "step": step, **out})
+        st.rt.log(f"step {step}: eval reward {out['eval_reward']:.3f} (greedy, one per prompt)")
+        return out
     if st.cfg.kind == "pairs":
         from spongebob.dpo import evaluate_pairs
 
