@@ -137,7 +137,7 @@ def test_bad_grpo_set_ups_are_one_line_errors(tmp_path, setup):
         train(grpo(tmp_path, base, prompts, reward, "r1", init="none", tokenizer=str(base)))
     with pytest.raises(UserError, match="--grpo-group"):
         grpo(tmp_path, base, prompts, reward, "r2", grpo_group=1)
-    with pytest.raises(UserError, match="no module named .nowhere_module."):
+    with pytest.raises(UserError, match="no module named 'nowhere_module'"):
         train(grpo(tmp_path, base, prompts, "nowhere_module:fn", "r3"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"conversations": [{"role": "assistant", "content": "hi"}]}\n')
