@@ -23,6 +23,7 @@ from spongebob.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_generate import make_checkpoint
+from test_train_helpers import KillAfter, Killed
 
 ADAM_ATOL = 1e-4  # as in tests/test_train.py
 
@@ -105,30 +106,6 @@ def test_dpo_accumulation_gives_the_update_of_one_big_batch(tmp_path, base):
         torch.testing.assert_close(wa[k], wb[k], atol=ADAM_ATOL, rtol=0, msg=k)
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillAfter:
-    """A loader that dies when asked for batch `n` + 1."""
-
-    def __init__(self, ds, n: int):
-        self.ds, self.n = ds, n
-
-    def __getattr__(self, name):
-        return getattr(self.ds, name)
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __iter__(self):
-        for b in self.ds:
-            if self.n == 0:
-                raise _Killed
-            self.n -= 1
-            yield b
-
-
 def test_a_killed_dpo_run_resumes_exactly(tmp_path, base):
     from spongebob.stage import default_dataset_factory
 
@@ -137,9 +114,9 @@ def test_a_killed_dpo_run_resumes_exactly(tmp_path, base):
     a = train(dpo(tmp_path, data, base, "a", **kw))
 
     def dies_in_step_5(paths, tok, **k):
-        return _KillAfter(default_dataset_factory(paths, tok, **k), n=4)
+        return KillAfter(default_dataset_factory(paths, tok, **k), n=4)
 
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         train(dpo(tmp_path, data, base, "b", **kw), dies_in_step_5)
     assert checkpoint.latest_checkpoint(tmp_path / "b" / "dpo").name == "step_00000003"
     b = train(dpo(tmp_path, data, base, "b", **kw, resume=True))

@@ -22,6 +22,7 @@ from spongebob.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_generate import make_checkpoint
+from test_train_helpers import KillAfter, Killed
 
 # Peaked enough that a few replies are likely at the start, so 8 samples a prompt see both
 # rewards (a near-uniform model over 800 tokens would need far more steps).
@@ -85,28 +86,6 @@ def test_grpo_raises_the_reward_of_its_own_samples(tmp_path, setup):
     assert checkpoint.load(r.final).meta["stage"] == "grpo"
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillAfter:
-    def __init__(self, ds, n: int):
-        self.ds, self.n = ds, n
-
-    def __getattr__(self, name):
-        return getattr(self.ds, name)
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __iter__(self):
-        for b in self.ds:
-            if self.n == 0:
-                raise _Killed
-            self.n -= 1
-            yield b
-
-
 def test_a_killed_grpo_run_resumes_with_the_same_rollouts(tmp_path, setup):
     from spongebob.stage import default_dataset_factory
 
@@ -115,9 +94,9 @@ def test_a_killed_grpo_run_resumes_with_the_same_rollouts(tmp_path, setup):
     a = train(grpo(tmp_path, base, prompts, reward, "a", **kw))
 
     def dies_in_step_4(paths, tok, **k):
-        return _KillAfter(default_dataset_factory(paths, tok, **k), n=3)
+        return KillAfter(default_dataset_factory(paths, tok, **k), n=3)
 
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         train(grpo(tmp_path, base, prompts, reward, "b", **kw), dies_in_step_4)
     b = train(grpo(tmp_path, base, prompts, reward, "b", **kw, resume=True))
     assert a.step == b.step == 6

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import transformers
 
 from test_train import batches_per_epoch, small
-from test_train_helpers import write_lines
+from test_train_helpers import KillAfter, Killed, write_lines
 
 # fp32 logits of two implementations of the same maths (different summation orders): the
 # logits here are O(1-10), so 1e-4 is ~1e-5 relative.
@@ -313,30 +313,6 @@ def test_a_lora_run_writes_a_small_checkpoint_that_refers_to_its_base(
         assert not torch.equal(merged(ids), checkpoint.load(base, kernels="torch").model(ids))
 
 
-class _Killed(BaseException):
-    """Stands for SIGKILL: nothing of the run survives but what it wrote."""
-
-
-class _KillAfter:
-    """A PackedDataset that dies when asked for batch `n` + 1."""
-
-    def __init__(self, ds, n: int):
-        self.ds, self.n = ds, n
-
-    def __getattr__(self, name):
-        return getattr(self.ds, name)
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __iter__(self):
-        for b in self.ds:
-            if self.n == 0:
-                raise _Killed
-            self.n -= 1
-            yield b
-
-
 def test_resume_of_a_lora_run_continues_exactly(tmp_path, data, tok_dir, base):
     from spongebob.data import PackedDataset
 
@@ -348,9 +324,9 @@ def test_resume_of_a_lora_run_continues_exactly(tmp_path, data, tok_dir, base):
     a = train(small("pretrain", data, tmp_path / "a", tok_dir, **kw))
 
     def dies_in_step_5(paths, tok, **k):
-        return _KillAfter(PackedDataset(paths, tok, **k), n=9)
+        return KillAfter(PackedDataset(paths, tok, **k), n=9)
 
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         train(small("pretrain", data, tmp_path / "b", tok_dir, **kw), dies_in_step_5)
     stage_b = tmp_path / "b" / "pretrain"
     assert checkpoint.latest_checkpoint(stage_b).name == "step_00000003"

@@ -192,3 +192,28 @@ def write_lines(path: Path, n: int, seed: int = 0, kind: str = "text") -> Path:
                 }
             f.write(json.dumps(obj) + "\n")
     return path
+
+
+class Killed(BaseException):
+    """What `KillAfter` raises: a process dying in the middle of a run (a BaseException, so
+    that no `except Exception` in the product can swallow it)."""
+
+
+class KillAfter:
+    """A loader that dies when asked for batch `n` + 1 (a kill mid-step, in-process)."""
+
+    def __init__(self, ds, n: int):
+        self.ds, self.n = ds, n
+
+    def __getattr__(self, name):
+        return getattr(self.ds, name)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __iter__(self):
+        for b in self.ds:
+            if self.n == 0:
+                raise Killed
+            self.n -= 1
+            yield b

@@ -602,16 +602,72 @@ def precompute_reference(
 # --- the training stage's loader -----------------------------------------------------------
 
 
-class PairDataset:
-    """Batches of `collate_pairs` with `spongebob.data.PackedDataset`'s interface, so the one
-    training loop runs the `dpo` stage (contracts.md §5).
+class EpochShards:
+    """What the pair and prompt loaders share with `spongebob.data.PackedDataset`'s interface:
+    epoch order, rank shares, the resume state and its fingerprint (contracts.md §5).
 
-    Epoch order: a permutation of the pairs seeded by (seed, epoch). Global batch g holds
-    pairs [g·B·W, (g+1)·B·W) of that order; rank r takes its B pairs at offset r·B. The tail of
-    fewer than B·W pairs is dropped (another tail each epoch). Sides longer than `seq_len + 1`
-    tokens are cut there, as the chat loader cuts conversations. The state is (epoch,
-    batches handed out, fingerprint); a state of another configuration is refused.
+    Epoch order: a permutation of the items seeded by (seed, epoch). Global batch g holds items
+    [g·B·W, (g+1)·B·W) of that order; rank r takes its B at offset r·B. The tail of fewer than
+    B·W items is dropped (another tail each epoch). The state is (epoch, batches handed out,
+    fingerprint); a state of another configuration is refused. Subclasses set `items` and
+    `_what`, and turn a chunk of items into a batch in `_batch`.
     """
+
+    items: list
+    _what = "items"
+
+    def _shard_setup(self, paths, tokenizer, seq_len, batch_size, seed, rank, world_size,
+                     on_bad_line) -> None:  # fmt: skip
+        ident = [
+            [str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths
+        ]
+        key = [ident, tokenizer.hash, seq_len, batch_size, seed, rank, world_size, on_bad_line]
+        self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.epoch = self.batches = 0
+
+    def __len__(self) -> int:
+        """Batches this rank gets per epoch."""
+        return len(self.items) // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.items))
+        B, W = self.batch_size, self.world_size
+        while self.batches < len(self):
+            start = self.batches * B * W + self.rank * B
+            chunk = [self.items[i] for i in order[start : start + B]]
+            index = (self.epoch, self.batches)
+            self.batches += 1
+            yield self._batch(chunk, index)
+        self.epoch, self.batches = self.epoch + 1, 0
+
+    def _batch(self, chunk: list, index: tuple[int, int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.batches, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"the {self._what} loader's state is from another configuration (files, "
+                "tokenizer, seq_len, batch size, seed, rank or world size differ)"
+            )
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats)
+
+
+class PairDataset(EpochShards):
+    """Batches of `collate_pairs` with `spongebob.data.PackedDataset`'s interface, so the one
+    training loop runs the `dpo` stage (order, shards and state: `EpochShards`). Sides longer
+    than `seq_len + 1` tokens are cut there, as the chat loader cuts conversations."""
+
+    _what = "pair"
 
     def __init__(
         self,
@@ -626,58 +682,26 @@ class PairDataset:
         **_: Any,  # the token loader's options (think_weight, cache_dir) mean nothing here
     ) -> None:
         reader = PairReader(paths, tokenizer, max_len=seq_len + 1, on_bad_line=on_bad_line)
-        self.pairs = list(reader)
-        self._stats = {**reader.stats(), "pairs": len(self.pairs)}
+        self.items = list(reader)
+        self._stats = {**reader.stats(), "pairs": len(self.items)}
         self.pad_id = int(tokenizer.pad_id)
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        ident = [
-            [str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns]
-            for p in reader.paths
-        ]
-        key = [ident, tokenizer.hash, seq_len, batch_size, seed, rank, world_size, on_bad_line]
-        self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-        self.epoch = self.batches = 0
+        self._shard_setup(reader.paths, tokenizer, seq_len, batch_size, seed, rank, world_size,
+                          on_bad_line)  # fmt: skip
 
-    def __len__(self) -> int:
-        """Batches this rank gets per epoch."""
-        return len(self.pairs) // (self.batch_size * self.world_size)
+    @property
+    def pairs(self) -> list[PreferencePair]:
+        return self.items
 
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order, B, W = self._order(self.epoch), self.batch_size, self.world_size
-        while self.batches < len(self):
-            start = self.batches * B * W + self.rank * B
-            chunk = [self.pairs[i] for i in order[start : start + B]]
-            self.batches += 1
-            yield collate_pairs(chunk, pad_id=self.pad_id)
-        self.epoch, self.batches = self.epoch + 1, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.batches = epoch, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches": self.batches, "fingerprint": self.fingerprint}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("fingerprint") != self.fingerprint:
-            raise ValueError(
-                "the pair loader's state is from another configuration (files, tokenizer, "
-                "seq_len, batch size, seed, rank or world size differ)"
-            )
-        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
-
-    def stats(self) -> dict[str, Any]:
-        return dict(self._stats)
+    def _batch(self, chunk: list, index: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return collate_pairs(chunk, pad_id=self.pad_id)
 
     def attach_reference(self, ref_model: torch.nn.Module, cache_path: Path | None) -> int:
         """Fill every pair's reference log-probs from `ref_model` (frozen, run once) or from
         the cache at `cache_path`; returns how many were computed (not cached)."""
         cache = ReferenceCache(cache_path, model_fingerprint(ref_model))
         before = len(cache)
-        self.pairs = list(
-            precompute_reference(ref_model, self.pairs, cache=cache, pad_id=self.pad_id)
+        self.items = list(
+            precompute_reference(ref_model, self.items, cache=cache, pad_id=self.pad_id)
         )
         computed = len(cache) - before
         if computed:

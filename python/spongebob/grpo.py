@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from spongebob.dpo import IGNORE, RecordReader, _Bad, _rows, check_messages, token_logps
+from spongebob.dpo import (
+    IGNORE,
+    EpochShards,
+    RecordReader,
+    _Bad,
+    _rows,
+    check_messages,
+    token_logps,
+)
 from spongebob.errors import UserError
 
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
@@ -386,18 +394,19 @@ class RolloutConfig:
     rewards: Sequence[str] = ("arithmetic", "format")
 
 
-class RolloutDataset:
+class RolloutDataset(EpochShards):
     """Rollout batches with `spongebob.data.PackedDataset`'s interface, so the one training
-    loop runs the `grpo` stage (contracts.md §5).
+    loop runs the `grpo` stage (order, shards and state: `dpo.EpochShards`; prompts of
+    `seq_len` tokens or more are left out and counted as truncated).
 
-    Epoch order: a permutation of the prompts seeded by (seed, epoch); global batch g holds
-    prompts [g·B·W, (g+1)·B·W), rank r its B at offset r·B (the tail is dropped). Pulling a
-    batch samples G completions of each prompt from the *current* policy (`bind`), in eval
-    mode without gradient, then scores them, so rollout and update never hold their memory at
-    once. Sampling is seeded by (seed, epoch, batch, rank): a resumed run draws the same
+    Pulling a batch samples G completions of each prompt from the *current* policy (`bind`), in
+    eval mode without gradient, then scores them, so rollout and update never hold their memory
+    at once. Sampling is seeded by (seed, epoch, batch, rank): a resumed run draws the same
     completions. One update per rollout, so the old policy is the current one (ratio 1 at the
     update, as TRL with one iteration); the frozen reference gives `ref_logps` when β > 0.
     """
+
+    _what = "prompt"
 
     def __init__(
         self,
@@ -411,30 +420,24 @@ class RolloutDataset:
         on_bad_line: str = "error",
         **_: Any,  # the token loader's options mean nothing here
     ) -> None:
-        import hashlib
-        import json
-        from pathlib import Path
-
         reader = PromptReader(paths, tokenizer, on_bad_line=on_bad_line)
-        self.prompts = [p for p in reader if len(p.prompt_ids) < seq_len]
-        self._stats = {**reader.stats(), "truncated": reader.records - len(self.prompts)}
-        if not self.prompts:
+        self.items = [p for p in reader if len(p.prompt_ids) < seq_len]
+        self._stats = {**reader.stats(), "truncated": reader.records - len(self.items)}
+        if not self.items:
             raise UserError(
                 f"no prompt shorter than --seq-len {seq_len} in {list(map(str, paths))}"
             )
         self.tokenizer, self.seq_len = tokenizer, seq_len
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        ident = [
-            [str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns]
-            for p in reader.paths
-        ]
-        key = [ident, tokenizer.hash, seq_len, batch_size, seed, rank, world_size, on_bad_line]
-        self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-        self.epoch = self.batches = 0
+        self._shard_setup(reader.paths, tokenizer, seq_len, batch_size, seed, rank, world_size,
+                          on_bad_line)  # fmt: skip
         self.policy = self.ref = None
         self.cfg = RolloutConfig()
         self._fns: list = []
         self._metrics: dict[str, float] = defaultdict(float)
+
+    @property
+    def prompts(self) -> list[PromptRecord]:
+        return self.items
 
     def bind(self, policy, ref, cfg: RolloutConfig) -> None:
         """The models to sample from and to anchor to, and how to sample and score."""
@@ -443,23 +446,10 @@ class RolloutDataset:
         self.policy, self.ref, self.cfg = policy, ref, cfg
         self._fns = [load_reward(r) for r in cfg.rewards]
 
-    def __len__(self) -> int:
-        return len(self.prompts) // (self.batch_size * self.world_size)
-
-    def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
-        B, W = self.batch_size, self.world_size
-        while self.batches < len(self):
-            start = self.batches * B * W + self.rank * B
-            chunk = [self.prompts[i] for i in order[start : start + B]]
-            sample_seed = int(
-                np.random.default_rng([self.seed, self.epoch, self.batches, self.rank]).integers(
-                    2**31
-                )
-            )
-            self.batches += 1
-            yield self.rollout(chunk, sample_seed)
-        self.epoch, self.batches = self.epoch + 1, 0
+    def _batch(self, chunk: list, index: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, batch = index
+        seed = np.random.default_rng([self.seed, epoch, batch, self.rank]).integers(2**31)
+        return self.rollout(chunk, int(seed))
 
     def rollout(self, prompts: Sequence[PromptRecord], sample_seed: int, group: int | None = None,
                 greedy: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
@@ -526,23 +516,6 @@ class RolloutDataset:
             "completion_len": m["completion_tokens"] / n,
             "rollout_tokens_per_s": m["completion_tokens"] / max(m["rollout_s"], 1e-9),
         }
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.batches = epoch, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches": self.batches, "fingerprint": self.fingerprint}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("fingerprint") != self.fingerprint:
-            raise ValueError(
-                "the prompt loader's state is from another configuration (files, tokenizer, "
-                "seq_len, batch size, seed, rank or world size differ)"
-            )
-        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
-
-    def stats(self) -> dict[str, Any]:
-        return dict(self._stats)
 
 
 @torch.no_grad()
