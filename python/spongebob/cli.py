@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "spongebob.data_cmd",
     "spongebob.train",
     "spongebob.chat",
+    "spongebob.serve",
     "spongebob.evaluate",
     "spongebob.export",
     "spongebob.demo",
