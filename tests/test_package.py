@@ -38,7 +38,7 @@ def test_cli_version_and_help_list_every_registered_command():
     out = subprocess.run([*run, "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"spongebob {spongebob.__version__}"
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    expected = {"tokenizer", "data", "train", "chat", "eval", "export", "demo"}
+    expected = {"tokenizer", "data", "train", "chat", "serve", "eval", "export", "demo"}
     assert set(sub.choices) == expected
     helptext = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True).stdout
     # Each command on a line of its own in the command list, not just a word somewhere.

@@ -12,6 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import openai
 import pytest
 import torch
 
@@ -19,8 +20,6 @@ from spongebob import checkpoint
 from spongebob.generate import Generator, SamplingConfig, parse_reasoning
 from spongebob.serve import Engine, ReasoningSplitter, make_server, split_reply
 from test_generate import Scripted, make_checkpoint
-
-openai = pytest.importorskip("openai")
 
 MSGS = [{"role": "user", "content": "你好，你是谁？"}]
 
