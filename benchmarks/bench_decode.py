@@ -28,7 +28,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_train import new_model  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from spongebob.model import PRESETS
+    from spongebob.model import PRESETS, SpongeBob
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PRESETS[args.preset]
     cfg = replace(cfg, max_seq_len=max(cfg.max_seq_len, args.prompt_len + args.new_tokens + 1))
     torch.manual_seed(args.seed)
-    model = new_model(cfg).to(device=device, dtype=dtype).eval()
+    model = SpongeBob(cfg).to(device=device, dtype=dtype).eval()
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(7, cfg.vocab_size, (args.prompt_len,), generator=g).tolist()
 

@@ -474,22 +474,9 @@ def linear_ce_problem(rows, dim, vocab, dtype, device, ops, args) -> Problem:
 # --- whole training step ---------------------------------------------------------------------
 
 
-def new_model(cfg, kernels: str, attention: str):
-    """SpongeBob with these runtime choices, whichever way this version takes them (the
-    constructor's keywords, or ModelConfig fields before the runtime split)."""
-    import inspect
-    from dataclasses import replace
-
-    from spongebob.model import SpongeBob
-
-    if "kernels" in inspect.signature(SpongeBob.__init__).parameters:
-        return SpongeBob(cfg, kernels=kernels, attention=attention)
-    return SpongeBob(replace(cfg, kernels=kernels, attention=attention))
-
-
 def model_step(kernels: str, batch: int, seq: int, steps: int, device, smoke: bool) -> dict:
     """Median step time (fwd + bwd + AdamW) of the tutorial model under bf16 autocast."""
-    from spongebob.model import ModelConfig, preset
+    from spongebob.model import ModelConfig, SpongeBob, preset
 
     if smoke:
         cfg = ModelConfig(
@@ -505,7 +492,7 @@ def model_step(kernels: str, batch: int, seq: int, steps: int, device, smoke: bo
         cfg = preset("spongebob")
     torch.manual_seed(0)
     attention = "sdpa" if smoke else "auto"
-    model = new_model(cfg, kernels, attention).to(device).train()
+    model = SpongeBob(cfg, kernels=kernels, attention=attention).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, cfg.vocab_size, (batch, seq), generator=g)

@@ -51,19 +51,6 @@ from machine import machine_info, peak_mb, rss_mb  # noqa: E402
 
 # Dense bf16 tensor-core peak TFLOP/s by GPU name fragment (no sparsity); fp32 runs use TF32,
 # counted as half of it. Only a fallback: the trainer's own "mfu" is used when it has one.
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "4090": 165.2,
-    "L40S": 362.0,
-    "A10": 125.0,
-    "L4": 121.0,
-    "3090": 71.0,
-    "V100": 125.0,
-}
-
 VARIANTS = {
     "torch-sdpa": {"kernels": "torch", "attention": "sdpa", "compile": False},
     "torch-compile": {"kernels": "torch", "attention": "sdpa", "compile": True},
@@ -72,39 +59,6 @@ VARIANTS = {
     "padded": None,
 }
 PADDED_RUNTIME = {"kernels": "torch", "attention": "sdpa", "compile": False}  # (eager PyTorch)
-
-
-def new_model(cfg, kernels: str = "auto", attention: str = "auto"):
-    """SpongeBob with the given runtime choices, whichever way this version takes them (the
-    constructor's keywords, or fields of ModelConfig before the runtime split)."""
-    import inspect
-
-    from spongebob.model import SpongeBob
-
-    if "kernels" in inspect.signature(SpongeBob.__init__).parameters:
-        return SpongeBob(cfg, kernels=kernels, attention=attention)
-    return SpongeBob(replace(cfg, kernels=kernels, attention=attention))
-
-
-def flops_per_token(model, seq_len: int) -> float:
-    """6·N + 12·L·dim·T (PaLM's count: every weight does 6 FLOPs per token forward + backward,
-    plus the attention scores over a full causal row)."""
-    if hasattr(model, "flops_per_token"):
-        return float(model.flops_per_token(seq_len))
-    c = model.config
-    return 6.0 * model.num_parameters() + 12.0 * c.n_layers * c.dim * seq_len
-
-
-def peak_flops(device, dtype) -> float | None:
-    import torch
-
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    if tflops is None:
-        return None
-    return tflops * 1e12 * (1.0 if dtype == torch.bfloat16 else 0.5)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -161,6 +115,22 @@ def _windows(records: list[dict], tokens_per_window: int) -> list[dict]:
             }
         )
     return out
+
+
+def _throughput(windows: list[dict], steps_per_window: int) -> dict:
+    """Tokens/s over the timed windows (the first one is warm-up), and the loss curve's ends."""
+    timed = windows[1:]
+    secs = sum(w["seconds"] for w in timed)
+    return {
+        "tokens_per_s": sum(w["tokens"] for w in timed) / secs,
+        "trained_tokens_per_s": sum(w["trained"] for w in timed) / secs,
+        "timed_steps": steps_per_window * len(timed),
+        "timed_seconds": secs,
+        "warmup_seconds": windows[0]["seconds"],
+        "loss_first_window": windows[0]["loss"],
+        "loss_last_window": windows[-1]["loss"],
+        "windows": windows,
+    }
 
 
 def worker_product(spec: dict) -> dict:
@@ -236,17 +206,8 @@ def worker_product(spec: dict) -> dict:
     ]
     records = [r for r in records if r.get("tokens_per_s") and "event" not in r]
     windows = _windows(records, K * spec["batch"] * spec["seq_len"])
-    timed = windows[1:]
-    secs = sum(w["seconds"] for w in timed)
     res = {
-        "tokens_per_s": sum(w["tokens"] for w in timed) / secs,
-        "trained_tokens_per_s": sum(w["trained"] for w in timed) / secs,
-        "timed_steps": K * len(timed),
-        "timed_seconds": secs,
-        "warmup_seconds": windows[0]["seconds"],
-        "loss_first_window": windows[0]["loss"],
-        "loss_last_window": windows[-1]["loss"],
-        "windows": windows,
+        **_throughput(windows, K),
         "wall_s": wall,
         "peak_mem_mb": peak_cuda,
         "peak_rss_mb": peak_mb(rss_mb()),
@@ -262,8 +223,9 @@ def worker_product(spec: dict) -> dict:
         ),
     }
     res["fill"] = res["trained_tokens_per_s"] / res["tokens_per_s"]
+    timed = windows[1:]
     if all(w["mfu"] is not None for w in timed):
-        res["mfu"] = sum(w["mfu"] * w["seconds"] for w in timed) / secs
+        res["mfu"] = sum(w["mfu"] * w["seconds"] for w in timed) / res["timed_seconds"]
         res["mfu_source"] = "metrics.jsonl"
     shutil.rmtree(out_dir, ignore_errors=True)  # the checkpoint (weights + optimizer) is large
     return res
@@ -291,7 +253,7 @@ def worker_padded(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from spongebob.model import PRESETS
+    from spongebob.model import PRESETS, SpongeBob
     from spongebob.tokenizer import load
 
     if spec.get("threads"):
@@ -310,7 +272,7 @@ def worker_padded(spec: dict) -> dict:
         batches.append((torch.tensor([r[0] for r in chunk]), torch.tensor([r[1] for r in chunk])))
     cfg = replace(PRESETS[spec["preset"]], vocab_size=tok.vocab_size)
     torch.manual_seed(0)
-    model = new_model(cfg, kernels="torch", attention="sdpa").to(device).train()
+    model = SpongeBob(cfg, kernels="torch", attention="sdpa").to(device).train()
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=5e-4,
@@ -360,17 +322,8 @@ def worker_padded(spec: dict) -> dict:
                 "loss": float(torch.stack(losses[-K:]).mean()),
             }
         )
-    timed = windows[1:]
-    secs = sum(w["seconds"] for w in timed)
     res = {
-        "tokens_per_s": sum(w["tokens"] for w in timed) / secs,
-        "trained_tokens_per_s": sum(w["trained"] for w in timed) / secs,
-        "timed_steps": K * len(timed),
-        "timed_seconds": secs,
-        "warmup_seconds": windows[0]["seconds"],
-        "loss_first_window": windows[0]["loss"],
-        "loss_last_window": windows[-1]["loss"],
-        "windows": windows,
+        **_throughput(windows, K),
         "wall_s": time.perf_counter() - t_all,
         "peak_mem_mb": (
             torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -388,18 +341,19 @@ def worker(spec: dict) -> dict:
 
     res = worker_padded(spec) if spec["variant"] == "padded" else worker_product(spec)
     device, dtype = _device_and_dtype(spec)
-    from spongebob.model import PRESETS
+    from spongebob.model import PRESETS, SpongeBob
+    from spongebob.runtime import peak_flops
     from spongebob.tokenizer import load
 
     vocab = load(spec["tokenizer"]).vocab_size
-    model = new_model(replace(PRESETS[spec["preset"]], vocab_size=vocab)).to("meta")
+    model = SpongeBob(replace(PRESETS[spec["preset"]], vocab_size=vocab)).to("meta")
     res["parameters"] = model.num_parameters()
-    res["flops_per_token"] = flops_per_token(model, spec["seq_len"])
+    res["flops_per_token"] = model.flops_per_token(spec["seq_len"])
     peak = peak_flops(device, dtype)
     res["peak_flops"] = peak
     if res.get("mfu") is None:
         res["mfu"] = res["tokens_per_s"] * res["flops_per_token"] / peak if peak else None
-        res["mfu_source"] = "bench_train (6N + 12·L·dim·T)" if peak else None
+        res["mfu_source"] = "SpongeBob.flops_per_token, runtime.peak_flops" if peak else None
     res["device"] = str(device)
     res["dtype"] = str(dtype).removeprefix("torch.")
     res["threads"] = torch.get_num_threads()
