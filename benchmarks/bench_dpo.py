@@ -23,8 +23,10 @@ the loss curves should agree (the first loss is ln 2 on both: policy = reference
 Timing per step is from one step's end to the next (ours: metrics.jsonl windows of one step;
 TRL: `on_step_end` of a callback), so both include loading, the step and the logging; the
 first step (warm-up) is dropped. Each variant runs in its own subprocess, so its peak RSS is
-its own. Prints a table and writes JSON with machine info (default
-benchmarks/results/bench_dpo-cpu.json).
+its own; `import_rss_mb` is that process's RSS once its libraries are imported (torch alone
+holds some 650 MB), before any model or data. The load average before and after each variant
+is recorded (the CPU numbers mean little on a loaded machine). Prints a table and writes JSON
+with machine info (default benchmarks/results/bench_dpo-cpu.json).
 """
 
 from __future__ import annotations
@@ -193,6 +195,7 @@ def worker_spongebob(spec: dict) -> dict:
     from spongebob.config import stage_config
     from spongebob.train import train
 
+    import_rss = rss_mb().get("vmrss_mb")
     torch.set_num_threads(spec["threads"])
     ref_s: list[float] = []
     attach = dpo_mod.PairDataset.attach_reference
@@ -248,6 +251,7 @@ def worker_spongebob(spec: dict) -> dict:
         wall_s=wall,
         setup_s=wall - sum(step_s),  # prepare() incl. the reference pass, and the final save
         peak_rss_mb=peak_mb(rss_mb()),
+        import_rss_mb=import_rss,
         threads=torch.get_num_threads(),
         last_metrics={k: recs[-1].get(k) for k in ("rewards/margin", "rewards/accuracy", "lr")},
     )
@@ -262,6 +266,7 @@ def worker_trl(spec: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.base_trainer import _BaseTrainer
 
+    import_rss = rss_mb().get("vmrss_mb")
     torch.set_num_threads(spec["threads"])
     precompute = spec["variant"] == "trl-precompute"
     _BaseTrainer._send_telemetry = lambda self: None  # no network
@@ -362,6 +367,7 @@ def worker_trl(spec: dict) -> dict:
         train_s=train_s,
         wall_s=setup + train_s,
         peak_rss_mb=peak_mb(rss_mb()),
+        import_rss_mb=import_rss,
         threads=torch.get_num_threads(),
         tied_embeddings=model.lm_head.weight is model.model.embed_tokens.weight,
         last_metrics={
@@ -385,20 +391,22 @@ def run_worker(spec: dict, timeout: float | None) -> dict:
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
+    load = {"loadavg_before": load0, "loadavg_after": os.getloadavg()}
     if proc.returncode != 0:
         return {
             "error": f"worker exited {proc.returncode}: "
             + (proc.stderr.strip().splitlines() or ["?"])[-1][:300],
             "stderr_tail": proc.stderr[-3000:],
+            **load,
         }
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["process_wall_s"] = time.perf_counter() - t0
-    return res
+    return {**res, **load}
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -506,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     head = (
         f"{'variant':<16}{'pairs/s':>9}{'s/step':>8}{'ref pass s':>11}{'setup s':>9}"
-        f"{'peak RSS MB':>13}{'loss first':>12}{'loss last':>11}"
+        f"{'peak RSS MB':>13}{'loss first':>12}{'loss last':>11}{'load 1m':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -518,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{v:<16}{r['pairs_per_s']:>9.2f}{r['s_per_step']:>8.2f}{ref:>11}{r['setup_s']:>9.1f}"
             f"{r['peak_rss_mb']:>13.0f}{r['loss_first']:>12.6f}{r['loss_last']:>11.6f}"
+            f"{r['loadavg_after'][0]:>9.2f}"
         )
     for k, x in ratios.items():
         print(f"  {k}: {x:.2f}×  (target ≥ 2×: {'met' if x >= 2 else 'NOT met'})")
@@ -528,7 +537,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         "  (setup s: ours = train() wall − the timed steps: load, the pair loader, the "
-        "reference pass, the final save; TRL = model loads + DPOTrainer(), incl. its precompute)"
+        "reference pass, the final save; TRL = model loads + DPOTrainer(), incl. its precompute; "
+        "peak RSS includes the imports: "
+        + ", ".join(
+            f"{v} {r['import_rss_mb']:.0f} MB"
+            for v, r in results.items()
+            if r.get("import_rss_mb") is not None
+        )
+        + "; load 1m: the 1-minute load average after the variant)"
     )
     out = {
         "benchmark": "bench_dpo",
