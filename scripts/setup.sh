@@ -15,6 +15,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "maturin>=1.8,<2"
 # Builds rust_dataloader/ into spongebob._rust and installs the package editable, with the
-# runtime dependencies (torch, triton, tokenizers, ...) and the test extras.
+# runtime dependencies (torch, triton, tokenizers, gguf, ...) and the test extras. Among those,
+# llama-cpp-python builds llama.cpp from source (minutes; pip caches the wheel afterwards).
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 .venv/bin/maturin develop --release --extras test -q
+# The web page test drives a real headless browser: Debian's chromium.
+bash scripts/install_chromium.sh
 .venv/bin/python -c "import spongebob, spongebob.data, spongebob.kernels; print('spongebob', spongebob.__version__, 'ready')"

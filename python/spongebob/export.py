@@ -253,8 +253,10 @@ model = model.merge_and_unload()  # optional: a plain LlamaForCausalLM
 
 
 def add_commands(sub) -> None:
-    """`spongebob export hf`."""
-    p = sub.add_parser("export", help="export a checkpoint (Hugging Face transformers format)")
+    """`spongebob export hf` and `spongebob export gguf`."""
+    from spongebob import export_gguf
+
+    p = sub.add_parser("export", help="export a checkpoint (Hugging Face folder or GGUF file)")
     esub = p.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
     h = esub.add_parser("hf", help="a LlamaForCausalLM folder: config, safetensors, tokenizer")
     h.add_argument(
@@ -281,6 +283,7 @@ def add_commands(sub) -> None:
         "export of the base checkpoint (default: the base checkpoint's path)",
     )
     h.set_defaults(func=_cmd_export_hf)
+    export_gguf.add_command(esub)
 
 
 def _cmd_export_hf(args) -> int:
