@@ -208,3 +208,20 @@ def test_export_refuses_to_overwrite_and_names_bad_dtypes(exported, tmp_path):
         export_gguf(ckpt, path)
     with pytest.raises(UserError, match="--dtype must be one of f32, f16, q8_0"):
         export_gguf(ckpt, tmp_path / "x.gguf", "q4_k")
+
+
+def test_export_gguf_cli_writes_the_file_and_the_modelfile(exported, tmp_path):
+    import subprocess
+    import sys
+
+    _, ckpt, _ = exported
+    out = tmp_path / "cli" / "m.gguf"
+    run = [sys.executable, "-m", "spongebob", "export", "gguf", "--ckpt", str(ckpt)]
+    r = subprocess.run([*run, "--out", str(out), "--dtype", "q8_0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "q8_0" in r.stderr and out.is_file() and (out.parent / "Modelfile").is_file()
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(out)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    r = subprocess.run([*run[:-1], str(tmp_path / "nope"), "--out", str(tmp_path / "x.gguf")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
