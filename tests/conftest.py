@@ -36,6 +36,25 @@ def tok_dir(train_corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chatml_tok_dir(train_corpus, tmp_path_factory) -> Path:
+    """A chatml tokenizer (MiniMind-3's specials: `<|endoftext|> <|im_start|> <|im_end|>`, then
+    the think and tool tags), trained by `train_tokenizer(..., template="chatml")`; its
+    `tokenizer_config.json` holds our chatml Jinja template."""
+    from spongebob.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("chatml_tok")
+    train_tokenizer(train_corpus, out, vocab_size=VOCAB, show_progress=False, template="chatml")
+    return out
+
+
+@pytest.fixture(scope="session")
+def chatml_tok(chatml_tok_dir):
+    from spongebob.data import ChatTokenizer
+
+    return ChatTokenizer.from_dir(str(chatml_tok_dir))
+
+
+@pytest.fixture(scope="session")
 def minimind_tok_dir(train_corpus, tmp_path_factory) -> Path:
     """A MiniMind-style tokenizer: byte-level BPE with only `<unk>`, `<s>`, `</s>`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

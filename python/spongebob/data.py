@@ -3,7 +3,9 @@
 `ChatTokenizer` renders the chat template and builds loss masks (contracts.md §2); `TextStream`
 streams the texts of jsonl files; `PackedDataset` yields fixed-shape packed batches
 (contracts.md §3); `scan_file` / `check_file` validate a file with the loader's own parser.
-`SPECIAL_TOKENS` and `REASONING_TAGS` are defined once, in Rust (rust_dataloader/src/tokenizer.rs).
+`SPECIAL_TOKENS` and `REASONING_TAGS` are defined once, in Rust (rust_dataloader/src/tokenizer.rs);
+the template families (`TEMPLATES`, `template_info(name)`: specials, stop tokens, Jinja twin) in
+rust_dataloader/src/template.rs.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from spongebob._rust import (
     REASONING_TAGS,
     SPECIAL_TOKENS,
     TEMPLATE_VERSION,
+    TEMPLATES,
     ChatTokenizer,
     DataFormatError,
     PackedLoader,
     TextStream,
     check_file,
     scan_file,
+    template_info,
     train_bpe_bounded,
 )
 
@@ -33,6 +37,7 @@ __all__ = [
     "DEFAULT_SYSTEM",
     "REASONING_TAGS",
     "SPECIAL_TOKENS",
+    "TEMPLATES",
     "TEMPLATE_VERSION",
     "ChatTokenizer",
     "DataFormatError",
@@ -40,6 +45,7 @@ __all__ = [
     "TextStream",
     "check_file",
     "scan_file",
+    "template_info",
     "train_bpe_bounded",
 ]
 

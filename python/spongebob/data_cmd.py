@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spongebob.data import TEMPLATES
 from spongebob.errors import UserError
 
 BOM = b"\xef\xbb\xbf"
@@ -34,18 +35,20 @@ def check_files(
     tokenizer_dir: Path | None = None,
     kind: str | None = None,
     seq_len: int = 512,
+    template: str | None = None,
 ) -> tuple[list[dict], list[str]]:
     """Per-file report and every bad line as `file:line: reason`, validated by the loader's
     own Rust parser. The report has records and bad-line counts per file; with a tokenizer also
     token counts, length percentiles and how many chat records are longer than `seq_len + 1`
-    tokens (they would be truncated)."""
+    tokens (they would be truncated). `template` overrides the family the tokenizer folder
+    names ("minimind2" or "chatml")."""
     from spongebob.data import check_file, scan_file
 
     tok = None
     if tokenizer_dir is not None:
         from spongebob.tokenizer import load
 
-        tok = load(tokenizer_dir)
+        tok = load(tokenizer_dir, template=template)
     reports, problems = [], []
     for p in paths:
         if not Path(p).is_file():
@@ -85,6 +88,12 @@ def add_commands(sub) -> None:
     c.add_argument("--tokenizer", type=Path, metavar="DIR", help="also report token statistics")
     c.add_argument("--kind", choices=["text", "chat"], help="default: from the first record")
     c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default=None,
+        help="chat template family (default: the one the tokenizer folder names)",
+    )
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=_cmd_check)
 
@@ -96,7 +105,11 @@ def add_commands(sub) -> None:
 
 
 def _cmd_check(args) -> int:
-    reports, problems = check_files(args.files, args.tokenizer, args.kind, args.seq_len)
+    if args.template is not None and args.tokenizer is None:
+        raise UserError("--template needs --tokenizer")
+    reports, problems = check_files(
+        args.files, args.tokenizer, args.kind, args.seq_len, template=args.template
+    )
     if args.json:
         print(json.dumps({"files": reports, "bad_lines": problems}, ensure_ascii=False, indent=2))
     else:

@@ -19,6 +19,7 @@ Models come from `spongebob.checkpoint.load`, the one loader of weights.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from collections.abc import Generator as Generator_
@@ -49,7 +50,7 @@ class SamplingConfig:
     top_k: int = 0  # 0 = no top-k filter
     repetition_penalty: float = 1.0  # 1 = off; > 1 makes seen tokens less likely
     seed: int | None = None
-    stop_ids: Sequence[int] | None = None  # default: the tokenizer's </s>
+    stop_ids: Sequence[int] | None = None  # default: the tokenizer's stop_ids (its family's)
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -184,7 +185,9 @@ class Generator:
     def _stop_ids(self, cfg: SamplingConfig) -> list[int]:
         if cfg.stop_ids is not None:
             return list(cfg.stop_ids)
-        return [self.tokenizer.eos_id if self.tokenizer is not None else 2]
+        if self.tokenizer is None:
+            return [2]
+        return [int(i) for i in self.tokenizer.stop_ids]
 
     def generate(
         self,
@@ -338,15 +341,28 @@ _WELL_FORMED = re.compile(
 @dataclass
 class Reasoning:
     """A reply split into its thinking and its answer. `well_formed`: exactly
-    `<think>…</think><answer>…</answer>` (whitespace around the blocks allowed), each tag once."""
+    `<think>…</think><answer>…</answer>` (whitespace around the blocks allowed), each tag once
+    (minimind2), or one `</think>` block without answer tags, `<think>` at most once before it
+    (chatml: `<think>\n…\n</think>\n\nanswer`, the `<think>` possibly in the prompt)."""
 
     think: str
     answer: str
     well_formed: bool
 
 
-def parse_reasoning(text: str) -> Reasoning:
-    """Split a reasoning reply; a malformed one keeps whatever parts can be found."""
+def parse_reasoning(text: str, template: str = "minimind2") -> Reasoning:
+    """Split a reasoning reply; a malformed one keeps whatever parts can be found.
+
+    `template` is the family the reply was generated under (`ChatTokenizer.template`):
+    "minimind2" replies read `<think>…</think><answer>…</answer>`; "chatml" replies
+    `<think>\n…\n</think>\n\nanswer`, where the `<think>` may be missing (it ends the prompt
+    when thinking is on): the thinking is what comes before the one `</think>`, the answer what
+    follows it, well formed when `</think>` occurs once, `<think>` at most once and only at
+    the start, and no answer tag is used."""
+    if template == "chatml":
+        return _parse_chatml_reasoning(text)
+    if template != "minimind2":
+        raise ValueError(f"unknown template {template!r}")
     m = _WELL_FORMED.match(text)
     once = all(text.count(t) == 1 for t in TAGS)
     if m and once:
@@ -360,3 +376,93 @@ def parse_reasoning(text: str) -> Reasoning:
     else:
         ans = "" if think else text
     return Reasoning(think.group(1).strip() if think else "", ans.strip(), False)
+
+
+def _parse_chatml_reasoning(text: str) -> Reasoning:
+    think_tag, end_tag = TAGS[0], TAGS[1]
+    no_answer_tags = TAGS[2] not in text and TAGS[3] not in text
+    if end_tag not in text:
+        # Unfinished thinking (`<think>` without its end) is all thinking; else all answer.
+        if think_tag in text:
+            lead, think = text.split(think_tag, 1)
+            return Reasoning(think.strip(), lead.strip(), False)
+        return Reasoning("", text.strip(), False)
+    head, answer = text.split(end_tag, 1)
+    opened = head.count(think_tag)
+    lead, _, think = head.rpartition(think_tag) if opened else ("", "", head)
+    well = (
+        opened <= 1
+        and not lead.strip()
+        and end_tag not in answer
+        and think_tag not in answer
+        and no_answer_tags
+    )
+    return Reasoning(think.strip(), answer.strip(), well)
+
+
+# --- tool calls ----------------------------------------------------------------------------
+
+TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
+_TOOL_CALL_BLOCK = re.compile(
+    rf"{re.escape(TOOL_CALL)}(.*?)(?:{re.escape(END_TOOL_CALL)}|\Z)", re.S
+)
+
+
+class ToolCallError(UserError):
+    """A generated `<tool_call>` block that is not `{"name": str, "arguments": {...}}` JSON."""
+
+
+@dataclass
+class ToolCall:
+    """One call the model asked for: the function's name and its arguments."""
+
+    name: str
+    arguments: dict
+
+
+def parse_tool_call(block: str) -> ToolCall:
+    """The JSON inside one `<tool_call>…</tool_call>` block (the tags themselves optional), as
+    the chatml template writes it: `{"name": ..., "arguments": {...}}`. Arguments given as a
+    string of a JSON object are read too. Raises `ToolCallError` naming what is wrong."""
+    body = block.strip()
+    if body.startswith(TOOL_CALL):
+        body = body[len(TOOL_CALL) :]
+    if body.endswith(END_TOOL_CALL):
+        body = body[: -len(END_TOOL_CALL)]
+    body = body.strip()
+    try:
+        obj = json.loads(body)
+    except ValueError as e:
+        raise ToolCallError(f"tool call is not valid JSON ({e}): {body[:200]!r}") from None
+    if not isinstance(obj, dict):
+        raise ToolCallError(f"tool call must be a JSON object, not {type(obj).__name__}")
+    if isinstance(obj.get("function"), dict):
+        obj = obj["function"]
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        raise ToolCallError(f"tool call has no function name: {body[:200]!r}")
+    args = obj.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError as e:
+            raise ToolCallError(f"tool call {name!r}: arguments are not valid JSON ({e})") from None
+    if not isinstance(args, dict):
+        raise ToolCallError(f"tool call {name!r}: arguments must be a JSON object")
+    return ToolCall(name, args)
+
+
+@dataclass
+class ToolCalls:
+    """A reply split into its text (the tool-call blocks removed, stripped) and its calls."""
+
+    content: str
+    calls: list[ToolCall]
+
+
+def parse_tool_calls(text: str) -> ToolCalls:
+    """Every `<tool_call>…</tool_call>` block of a generated reply, in order (an unclosed last
+    block runs to the end of the text). Raises `ToolCallError` for a block that is not a call."""
+    calls = [parse_tool_call(m.group(1)) for m in _TOOL_CALL_BLOCK.finditer(text)]
+    content = _TOOL_CALL_BLOCK.sub("", text).strip()
+    return ToolCalls(content, calls)

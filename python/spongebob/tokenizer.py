@@ -12,6 +12,13 @@ Two trainers, one result format (a standard `tokenizer.json`):
 
 Both read jsonl with the loader's record parser, so a line that would fail training fails here,
 with its file and line.
+
+`--template` picks the chat template family the tokenizer is made for (rust_dataloader/src/
+template.rs): `minimind2` (`<unk> <s> </s>` and the four reasoning tags, ids 0-6) or `chatml`
+(MiniMind-3's `<|endoftext|> <|im_start|> <|im_end|>` special, then `<think> </think>
+<tool_call> </tool_call> <tool_response> </tool_response>` as plain added tokens, ids 0-8). The
+saved `tokenizer_config.json` names the family's specials and holds its Jinja chat template, so
+`ChatTokenizer.from_dir` finds the family again.
 """
 
 from __future__ import annotations
@@ -21,30 +28,37 @@ import sys
 import time
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from spongebob.data import (
-    DEFAULT_SYSTEM,
-    SPECIAL_TOKENS,  # defined in Rust; importable from here too
+    SPECIAL_TOKENS,  # noqa: F401 (defined in Rust; importable from here too)
+    TEMPLATES,
     ChatTokenizer,
     DataFormatError,
     TextStream,
+    template_info,
     train_bpe_bounded,
 )
 from spongebob.errors import UserError
 
 TRAINERS = ("bounded", "plain")
+DEFAULT_TEMPLATE = "minimind2"
 
-# The Jinja twin of the Rust renderer (rust_dataloader/src/tokenizer.rs). A test renders both.
-CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] != 'system' -%}"
-    "{{- '<s>system\\n" + DEFAULT_SYSTEM + "</s>\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{{- '<s>' + message['role'] + '\\n' + message['content'] + '</s>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<s>assistant\\n' -}}{%- endif -%}"
-)
+
+def chat_template(template: str = DEFAULT_TEMPLATE) -> str:
+    """The Jinja twin of a family's Rust renderer (rust_dataloader/src/template.rs); tests
+    render both and compare."""
+    return template_info(template)["chat_template"]
+
+
+# The default family's Jinja template (what exports write when a folder has none).
+CHAT_TEMPLATE = chat_template(DEFAULT_TEMPLATE)
+
+
+def _family(template: str) -> dict:
+    if template not in TEMPLATES:
+        raise UserError(f"unknown template {template!r} (expected one of {', '.join(TEMPLATES)})")
+    return template_info(template)
 
 
 def new_tokenizer() -> Tokenizer:
@@ -79,40 +93,57 @@ def train_tokenizer(
     trainer: str = "bounded",
     max_memory: str | int | None = None,
     num_threads: int | None = None,
+    template: str = DEFAULT_TEMPLATE,
 ) -> Path:
     """Train on the texts of `paths` and write `tokenizer.json` + `tokenizer_config.json`.
 
     `trainer="bounded"` keeps the peak RSS of the process under `max_memory` (bytes, or a
     size such as "2GB" / "512MB"; default 2 GB, or 1 GB above what the process already holds
-    if that is more); `trainer="plain"` is Hugging Face's trainer, unbounded.
+    if that is more); `trainer="plain"` is Hugging Face's trainer, unbounded. `template`: the
+    chat template family whose added tokens the tokenizer reserves at the first ids.
     """
     paths = [Path(p) for p in paths]
     _check_inputs(paths)
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise UserError(
-            f"vocab size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} specials"
-        )
+    family = _family(template)
+    specials = list(family["specials"])
+    if vocab_size < 256 + len(specials):
+        raise UserError(f"vocab size {vocab_size} is below 256 bytes + {len(specials)} specials")
     if trainer not in TRAINERS:
         raise UserError(f"unknown trainer {trainer!r} (expected one of {', '.join(TRAINERS)})")
     t0 = time.perf_counter()
     log(f"training a {vocab_size}-token byte-level BPE on {len(paths)} file(s) ({trainer} trainer)")
     if trainer == "bounded":
-        tok = _train_bounded(paths, vocab_size, on_bad_line, max_memory, num_threads, t0)
+        tok = _train_bounded(paths, vocab_size, on_bad_line, max_memory, num_threads, t0, specials)
     else:
-        tok = _train_plain(paths, vocab_size, on_bad_line, show_progress, t0)
-    for i, t in enumerate(SPECIAL_TOKENS):
+        tok = _train_plain(paths, vocab_size, on_bad_line, show_progress, t0, specials)
+    _mark_added(tok, family)
+    for i, t in enumerate(specials):
         assert tok.token_to_id(t) == i, f"special {t} landed at {tok.token_to_id(t)}"
-    return save_tokenizer(tok, out_dir)
+    return save_tokenizer(tok, out_dir, template)
+
+
+def _mark_added(tok: Tokenizer, family: dict) -> None:
+    """The family's added tokens after its first `num_special` are plain added tokens (as in
+    MiniMind: `<think>` survives `skip_special_tokens`)."""
+    n = family["num_special"]
+    rest = list(family["specials"])[n:]
+    if rest:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in rest])
 
 
 def _train_plain(
-    paths: list[Path], vocab_size: int, on_bad_line: str, show_progress: bool, t0: float
+    paths: list[Path],
+    vocab_size: int,
+    on_bad_line: str,
+    show_progress: bool,
+    t0: float,
+    specials: list[str],
 ) -> Tokenizer:
     stream = TextStream([str(p) for p in paths], on_bad_line=on_bad_line)
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
@@ -134,12 +165,13 @@ def _train_bounded(
     max_memory: str | int | None,
     num_threads: int | None,
     t0: float,
+    specials: list[str],
 ) -> Tokenizer:
     try:
         model_json, stats = train_bpe_bounded(
             [str(p) for p in paths],
             vocab_size,
-            list(SPECIAL_TOKENS),
+            specials,
             max_memory,
             on_bad_line=on_bad_line,
             num_threads=num_threads,
@@ -151,7 +183,7 @@ def _train_bounded(
     model = json.loads(model_json)
     tok = new_tokenizer()
     tok.model = models.BPE(model["vocab"], [tuple(m) for m in model["merges"]])
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(specials)
     mb = 1 << 20
     log(
         f"read {stats['records']} records ({stats['bytes'] / 1e6:.1f} MB of text, "
@@ -172,11 +204,14 @@ def _train_bounded(
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, out_dir: Path) -> Path:
-    """Write the tokenizer files that both `ChatTokenizer` and `transformers` load."""
+def save_tokenizer(tok: Tokenizer, out_dir: Path, template: str = DEFAULT_TEMPLATE) -> Path:
+    """Write the tokenizer files that both `ChatTokenizer` and `transformers` load: the
+    family's specials and its chat template in `tokenizer_config.json`."""
+    family = _family(template)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
+    specials = list(family["specials"])
     added = {
         str(tok.token_to_id(t)): {
             "content": t,
@@ -184,9 +219,9 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path) -> Path:
             "normalized": False,
             "rstrip": False,
             "single_word": False,
-            "special": True,
+            "special": i < family["num_special"],
         }
-        for t in SPECIAL_TOKENS
+        for i, t in enumerate(specials)
         if tok.token_to_id(t) is not None
     }
     config = {
@@ -194,14 +229,14 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path) -> Path:
         "add_bos_token": False,
         "add_eos_token": False,
         "add_prefix_space": False,
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "pad_token": "<unk>",
-        "unk_token": "<unk>",
+        "bos_token": family["bos"],
+        "eos_token": family["eos"],
+        "pad_token": family["pad"],
+        "unk_token": family["pad"],
         "model_max_length": 32768,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": added,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": family["chat_template"],
     }
     (out_dir / "tokenizer_config.json").write_text(
         json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
@@ -210,10 +245,12 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
-def load(path: Path | str) -> ChatTokenizer:
-    """Load a tokenizer directory (or tokenizer.json), as a `UserError` if it can't be read."""
+def load(path: Path | str, template: str | None = None, empty_think: str = "keep") -> ChatTokenizer:
+    """Load a tokenizer directory (or tokenizer.json), as a `UserError` if it can't be read.
+    `template` overrides the family the folder names; `empty_think` ("keep" or "drop") is what
+    chatml training does with the empty think block of a turn without reasoning."""
     try:
-        return ChatTokenizer.from_dir(str(path))
+        return ChatTokenizer.from_dir(str(path), template=template, empty_think=empty_think)
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
 
@@ -221,8 +258,13 @@ def load(path: Path | str) -> ChatTokenizer:
 def describe(path: Path | str, data: list[Path] | None = None) -> dict:
     """Vocab size, specials, and characters per token over the texts of `data`."""
     tok = load(path)
-    specials = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    info: dict = {"path": str(tok.path), "vocab_size": tok.vocab_size, "specials": specials}
+    specials = {t: tok.token_to_id(t) for t in template_info(tok.template)["specials"]}
+    info: dict = {
+        "path": str(tok.path),
+        "vocab_size": tok.vocab_size,
+        "template": tok.template,
+        "specials": specials,
+    }
     if data:
         _check_inputs([Path(p) for p in data])
         chars = tokens = 0
@@ -262,6 +304,13 @@ def add_commands(sub) -> None:
         help="peak memory of the bounded trainer, e.g. 512MB, 4GB (default 2GB)",
     )
     t.add_argument("--threads", type=int, default=None, help="counting/training threads")
+    t.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default=DEFAULT_TEMPLATE,
+        help="chat template family whose special tokens the tokenizer gets (default minimind2; "
+        "chatml: MiniMind-3's <|im_start|> / <|im_end|>, think and tool tags)",
+    )
     t.set_defaults(func=_cmd_train)
 
     i = tsub.add_parser("info", help="vocab size, specials and compression on a file")
@@ -280,6 +329,7 @@ def _cmd_train(args) -> int:
         trainer=args.trainer,
         max_memory=args.max_memory,
         num_threads=args.threads,
+        template=args.template,
     )
     return 0
 
@@ -291,6 +341,7 @@ def _cmd_info(args) -> int:
         return 0
     print(f"tokenizer   {info['path']}")
     print(f"vocab size  {info['vocab_size']}")
+    print(f"template    {info['template']}")
     print("specials    " + ", ".join(f"{t}={i}" for t, i in info["specials"].items()))
     if "chars_per_token" in info:
         print(

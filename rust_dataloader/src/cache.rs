@@ -126,7 +126,7 @@ fn cache_stem(dir: &Path, src: &SourceId, tok: &ChatTokenizer, kind: Kind) -> Pa
     h.update(src.path.to_string_lossy().as_bytes());
     h.update(src.size.to_le_bytes());
     h.update(src.mtime_ns.to_le_bytes());
-    h.update(tok.hash().as_bytes());
+    h.update(tok.cache_identity().as_bytes());
     h.update(TEMPLATE_VERSION.to_le_bytes());
     h.update(kind_name(kind).as_bytes());
     h.update(CACHE_FORMAT.to_le_bytes());
@@ -220,7 +220,7 @@ impl DocStore {
             serde_json::from_slice(&fs::read(with_ext(stem, "json")).ok()?).ok()?;
         let fresh = meta.format == CACHE_FORMAT
             && &meta.source == src
-            && meta.tokenizer_hash == tok.hash()
+            && meta.tokenizer_hash == tok.cache_identity().as_str()
             && meta.template_version == TEMPLATE_VERSION
             && meta.kind == kind_name(kind);
         if !fresh {
@@ -324,7 +324,7 @@ impl DocStore {
             Ok(CacheMeta {
                 format: CACHE_FORMAT,
                 source: src.clone(),
-                tokenizer_hash: tok.hash().to_owned(),
+                tokenizer_hash: tok.cache_identity(),
                 template_version: TEMPLATE_VERSION,
                 kind: kind_name(kind).to_owned(),
                 docs,

@@ -23,6 +23,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use crate::error::{BadReason, DataError, Result};
+use crate::pyjson::{PyJson, StrOrJson};
 
 /// What records a file is expected to hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +54,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's response (the chatml family renders it inside a user turn).
+    Tool,
 }
 
 impl Role {
@@ -61,20 +64,66 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "system" => Some(Role::System),
+            "user" => Some(Role::User),
+            "assistant" => Some(Role::Assistant),
+            "tool" => Some(Role::Tool),
+            _ => None,
+        }
+    }
+}
+
+/// One call an assistant turn makes: the function's name and its arguments as the template
+/// writes them (a JSON object: the text given, or `json.dumps` of the object given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub name: String,
+    pub arguments: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub role: Role,
     pub content: String,
+    /// `reasoning_content` (assistant turns); `None` when absent or null.
+    pub reasoning: Option<String>,
+    /// `tool_calls` (assistant turns), in order.
+    pub tool_calls: Vec<ToolCall>,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Message {
+        Message {
+            role,
+            content: content.into(),
+            reasoning: None,
+            tool_calls: Vec::new(),
+        }
+    }
+
+    /// Whether the message uses a tool field (a tool call or the tool role).
+    pub fn uses_tools(&self) -> bool {
+        self.role == Role::Tool || !self.tool_calls.is_empty()
+    }
+}
+
+/// A conversation and the function schemas offered to it (each as `json.dumps` text).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Chat {
+    pub messages: Vec<Message>,
+    pub tools: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Text(String),
-    Chat(Vec<Message>),
+    Chat(Chat),
 }
 
 /// `T` read from a JSON object only. serde's derived structs also accept a JSON array
@@ -103,7 +152,33 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
 #[derive(Deserialize)]
 struct RawMessage {
     role: String,
-    content: String,
+    /// Required, except on an assistant turn with tool calls (where null or absent is "").
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    reasoning_content: Option<String>,
+    /// A list of calls, or a string holding one (MiniMind's files).
+    #[serde(default)]
+    tool_calls: Option<StrOrJson>,
+    /// On a system message (MiniMind's files): the function schemas, or a string of them.
+    #[serde(default)]
+    tools: Option<StrOrJson>,
+}
+
+#[derive(Deserialize)]
+struct RawFunction {
+    name: String,
+    arguments: StrOrJson,
+}
+
+#[derive(Deserialize)]
+struct RawToolCall {
+    #[serde(default)]
+    function: Option<Object<RawFunction>>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<StrOrJson>,
 }
 
 #[derive(Deserialize)]
@@ -114,12 +189,16 @@ struct TextLine {
 #[derive(Deserialize)]
 struct ChatLine {
     conversations: Vec<Object<RawMessage>>,
+    #[serde(default)]
+    tools: Option<StrOrJson>,
 }
 
 #[derive(Deserialize)]
 struct AnyLine {
     text: Option<String>,
     conversations: Option<Vec<Object<RawMessage>>>,
+    #[serde(default)]
+    tools: Option<StrOrJson>,
 }
 
 /// Strip one leading `<s>` and one trailing `</s>` (MiniMind's pretrain files carry them).
@@ -201,39 +280,165 @@ fn json_error(line: &str, e: serde_json::Error) -> BadReason {
     }
 }
 
-/// Turn parsed messages into a checked conversation. Training data must hold an assistant
-/// turn; a prompt (`require_assistant = false`) need not.
-pub fn check_conversation(
-    raw: Vec<(String, String)>,
-    require_assistant: bool,
-) -> std::result::Result<Vec<Message>, BadReason> {
-    if raw.is_empty() {
-        return Err(BadReason::EmptyConversation);
+fn schema(field: &str, what: impl std::fmt::Display) -> BadReason {
+    BadReason::BadSchema(format!("`{field}`: {what}"))
+}
+
+/// A list given as JSON, or as a string holding that JSON (MiniMind writes `"[...]"`):
+/// its elements, each as `json.dumps` text. `None`, `[]` and `""` are no list.
+fn json_list(field: &str, value: Option<StrOrJson>) -> std::result::Result<Vec<PyJson>, BadReason> {
+    let text = match value {
+        None => return Ok(Vec::new()),
+        Some(StrOrJson::Str(s)) if s.trim().is_empty() => return Ok(Vec::new()),
+        Some(StrOrJson::Str(s)) => s,
+        Some(StrOrJson::Json(PyJson(j))) => j,
+    };
+    let items: Vec<PyJson> = serde_json::from_str(&text)
+        .map_err(|e| schema(field, format!("expected a list of objects ({e})")))?;
+    if let Some(bad) = items.iter().find(|i| !i.is_object()) {
+        return Err(schema(
+            field,
+            format!("expected a list of objects, found {}", bad.0),
+        ));
     }
-    let mut out = Vec::with_capacity(raw.len());
-    for (role, content) in raw {
-        let role = match role.as_str() {
-            "system" => Role::System,
-            "user" => Role::User,
-            "assistant" => Role::Assistant,
-            _ => return Err(BadReason::UnknownRole(role)),
+    Ok(items)
+}
+
+/// Tool-call arguments: an object, or a string holding one (kept as written, as the
+/// template renders a string as it is).
+fn arguments(value: StrOrJson) -> std::result::Result<String, BadReason> {
+    let field = "tool_calls[].arguments";
+    match value {
+        StrOrJson::Json(j) if j.is_object() => Ok(j.0),
+        StrOrJson::Json(j) => Err(schema(field, format!("expected an object, found {}", j.0))),
+        StrOrJson::Str(s) => match serde_json::from_str::<PyJson>(&s) {
+            Ok(j) if j.is_object() => Ok(s),
+            _ => Err(schema(
+                field,
+                format!("expected an object or a JSON object string, found {s:?}"),
+            )),
+        },
+    }
+}
+
+fn tool_calls(value: Option<StrOrJson>) -> std::result::Result<Vec<ToolCall>, BadReason> {
+    let mut out = Vec::new();
+    for item in json_list("tool_calls", value)? {
+        let Object(raw): Object<RawToolCall> = serde_json::from_str(&item.0)
+            .map_err(|e| schema("tool_calls", format!("{e} in {}", item.0)))?;
+        let (name, args) = match raw.function {
+            Some(Object(f)) => (Some(f.name), Some(f.arguments)),
+            None => (raw.name, raw.arguments),
         };
-        out.push(Message { role, content });
-    }
-    if require_assistant && !out.iter().any(|m| m.role == Role::Assistant) {
-        return Err(BadReason::NoAssistant);
+        let name = name.ok_or_else(|| schema("tool_calls", format!("no name in {}", item.0)))?;
+        let args =
+            args.ok_or_else(|| schema("tool_calls", format!("no arguments in {}", item.0)))?;
+        out.push(ToolCall {
+            name,
+            arguments: arguments(args)?,
+        });
     }
     Ok(out)
 }
 
-fn chat_record(raw: Vec<Object<RawMessage>>) -> std::result::Result<Record, BadReason> {
-    check_conversation(
-        raw.into_iter()
-            .map(|Object(m)| (m.role, m.content))
-            .collect(),
-        true,
+/// A raw message, parsed but not yet checked.
+struct Parsed {
+    role: String,
+    message: Message,
+    tools: Vec<PyJson>,
+}
+
+fn parse_message(m: RawMessage) -> std::result::Result<Parsed, BadReason> {
+    let calls = tool_calls(m.tool_calls)?;
+    let content = match m.content {
+        Some(c) => c,
+        None if m.role == "assistant" && !calls.is_empty() => String::new(),
+        None => return Err(BadReason::BadSchema("missing field `content`".into())),
+    };
+    let tools = json_list("tools", m.tools)?;
+    Ok(Parsed {
+        message: Message {
+            role: Role::System, // set by check_chat
+            content,
+            reasoning: m.reasoning_content,
+            tool_calls: calls,
+        },
+        role: m.role,
+        tools,
+    })
+}
+
+/// Turn parsed messages into a checked conversation, in the contracts.md §1 order: schema
+/// (every message), roles, empty, assistant present. Training data must hold an assistant
+/// turn; a prompt (`require_assistant = false`) need not. The tools are the record's
+/// top-level `tools`, or those on a system message (MiniMind's files); both is an error.
+fn check_chat(
+    raw: Vec<RawMessage>,
+    top_tools: Option<StrOrJson>,
+    require_assistant: bool,
+) -> std::result::Result<Chat, BadReason> {
+    let mut tools: Vec<String> = json_list("tools", top_tools)?
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    let parsed = raw
+        .into_iter()
+        .map(parse_message)
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    for p in &parsed {
+        if p.role == "system" && !p.tools.is_empty() {
+            if !tools.is_empty() {
+                return Err(schema(
+                    "tools",
+                    "given twice (on the record and a system message)",
+                ));
+            }
+            tools = p.tools.iter().map(|t| t.0.clone()).collect();
+        }
+    }
+    if parsed.is_empty() {
+        return Err(BadReason::EmptyConversation);
+    }
+    let mut messages = Vec::with_capacity(parsed.len());
+    for p in parsed {
+        let role = Role::parse(&p.role).ok_or(BadReason::UnknownRole(p.role))?;
+        messages.push(Message { role, ..p.message });
+    }
+    if require_assistant && !messages.iter().any(|m| m.role == Role::Assistant) {
+        return Err(BadReason::NoAssistant);
+    }
+    Ok(Chat { messages, tools })
+}
+
+fn chat_record(
+    raw: Vec<Object<RawMessage>>,
+    tools: Option<StrOrJson>,
+) -> std::result::Result<Record, BadReason> {
+    check_chat(raw.into_iter().map(|Object(m)| m).collect(), tools, true).map(Record::Chat)
+}
+
+/// A conversation given as JSON text (a list of messages) plus optional tools JSON: how the
+/// Python binding hands over its messages, so they pass the very checks a file's lines do.
+pub fn parse_chat_json(
+    messages: &str,
+    tools: Option<&str>,
+    require_assistant: bool,
+) -> std::result::Result<Chat, BadReason> {
+    check_surrogates(messages)?;
+    let raw: Vec<Object<RawMessage>> =
+        serde_json::from_str(messages).map_err(|e| json_error(messages, e))?;
+    let tools = match tools {
+        None => None,
+        Some(t) => {
+            check_surrogates(t)?;
+            Some(serde_json::from_str::<StrOrJson>(t).map_err(|e| json_error(t, e))?)
+        }
+    };
+    check_chat(
+        raw.into_iter().map(|Object(m)| m).collect(),
+        tools,
+        require_assistant,
     )
-    .map(Record::Chat)
 }
 
 /// Parse one line (without its newline). `Ok(None)` for a blank line. Text is returned as
@@ -253,14 +458,14 @@ pub fn parse_line(bytes: &[u8], kind: Kind) -> std::result::Result<Option<Record
         Kind::Chat => {
             let Object(c): Object<ChatLine> =
                 serde_json::from_str(line).map_err(|e| json_error(line, e))?;
-            chat_record(c.conversations)?
+            chat_record(c.conversations, c.tools)?
         }
         Kind::Auto => {
             let Object(a): Object<AnyLine> =
                 serde_json::from_str(line).map_err(|e| json_error(line, e))?;
             match (a.text, a.conversations) {
                 (Some(t), _) => Record::Text(t),
-                (None, Some(c)) => chat_record(c)?,
+                (None, Some(c)) => chat_record(c, a.tools)?,
                 (None, None) => {
                     return Err(BadReason::BadSchema(
                         "missing field `text` or `conversations`".into(),
@@ -441,7 +646,7 @@ impl Texts {
                     self.records += 1;
                     let texts = match record {
                         Record::Text(t) => vec![strip_document_markers(&t).to_owned()],
-                        Record::Chat(msgs) => msgs.into_iter().map(|m| m.content).collect(),
+                        Record::Chat(chat) => chat_texts(chat),
                     };
                     self.bytes += texts.iter().map(|t| t.len() as u64).sum::<u64>();
                     return Ok(Some(texts));
@@ -449,6 +654,19 @@ impl Texts {
             }
         }
     }
+}
+
+/// The texts of a conversation for tokenizer training: each message's content, reasoning and
+/// tool-call arguments, then the tool schemas.
+fn chat_texts(chat: Chat) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in chat.messages {
+        out.push(m.content);
+        out.extend(m.reasoning);
+        out.extend(m.tool_calls.into_iter().map(|c| c.arguments));
+    }
+    out.extend(chat.tools);
+    out
 }
 
 /// Where parallel parsing runs: a thread pool, and a flag that asks it to stop.
@@ -609,7 +827,7 @@ mod tests {
             Kind::Auto,
         )
         .unwrap();
-        assert!(matches!(r, Some(Record::Chat(m)) if m.len() == 2));
+        assert!(matches!(r, Some(Record::Chat(c)) if c.messages.len() == 2));
     }
 
     fn lines_of(path: &Path, kind: Kind) -> Vec<(u64, std::result::Result<Record, BadReason>)> {
@@ -796,5 +1014,115 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    fn chat_of(line: &str) -> Chat {
+        match parse_line(line.as_bytes(), Kind::Chat) {
+            Ok(Some(Record::Chat(c))) => c,
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn reasoning_tools_tool_calls_and_tool_messages_are_read() {
+        // MiniMind's layout: tools on the system message and tool_calls as JSON strings.
+        let c = chat_of(
+            r#"{"conversations": [{"role": "system", "content": "S", "tools": "[{\"name\": \"f\", \"parameters\": {\"b\": 1.50, \"a\": \"é\"}}]"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": "[{\"name\":\"f\",\"arguments\":{\"z\":1,\"a\":[2]}}]"}, {"role": "tool", "content": "r"}, {"role": "assistant", "content": "ok", "reasoning_content": "why", "extra": 1}]}"#,
+        );
+        assert_eq!(
+            c.tools,
+            vec![r#"{"name": "f", "parameters": {"b": 1.5, "a": "é"}}"#.to_string()]
+        );
+        assert_eq!(c.messages[3].role, Role::Tool);
+        assert_eq!(
+            c.messages[2].tool_calls,
+            vec![ToolCall {
+                name: "f".into(),
+                arguments: r#"{"z": 1, "a": [2]}"#.into()
+            }]
+        );
+        assert_eq!(c.messages[4].reasoning.as_deref(), Some("why"));
+        // OpenAI's layout: top-level tools, function objects, string arguments kept as written,
+        // a null content beside tool calls.
+        let c = chat_of(
+            r#"{"tools": [{"type": "function", "function": {"name": "g"}}], "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null, "reasoning_content": null, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "g", "arguments": "{\"k\":true}"}}]}]}"#,
+        );
+        assert_eq!(c.tools.len(), 1);
+        assert_eq!(c.messages[1].content, "");
+        assert_eq!(c.messages[1].reasoning, None);
+        assert_eq!(c.messages[1].tool_calls[0].arguments, r#"{"k":true}"#);
+    }
+
+    #[test]
+    fn malformed_tools_and_tool_calls_are_schema_errors() {
+        let bad = |extra: &str, assistant: &str| {
+            let line = format!(
+                r#"{{{extra}"conversations": [{{"role": "user", "content": "q"}}, {{"role": "assistant", {assistant}}}]}}"#
+            );
+            let r = parse_line(line.as_bytes(), Kind::Chat).unwrap_err();
+            assert_eq!(r.code(), "bad_schema", "{line}: {r}");
+            r.to_string()
+        };
+        assert!(bad(r#""tools": 3, "#, r#""content": "a""#).contains("`tools`"));
+        assert!(bad(r#""tools": [1], "#, r#""content": "a""#).contains("list of objects"));
+        assert!(bad(r#""tools": "[{", "#, r#""content": "a""#).contains("`tools`"));
+        assert!(bad("", r#""content": "a", "tool_calls": {"name": "f"}"#).contains("tool_calls"));
+        assert!(
+            bad("", r#""content": "a", "tool_calls": [{"arguments": {}}]"#).contains("no name")
+        );
+        assert!(
+            bad("", r#""content": "a", "tool_calls": [{"name": "f"}]"#).contains("no arguments")
+        );
+        assert!(bad(
+            "",
+            r#""content": "a", "tool_calls": [{"name": "f", "arguments": [1]}]"#
+        )
+        .contains("expected an object"));
+        assert!(bad(
+            "",
+            r#""content": "a", "tool_calls": [{"name": "f", "arguments": "{oops"}]"#
+        )
+        .contains("JSON object string"));
+        assert!(bad("", r#""content": "a", "tool_calls": "not json""#).contains("tool_calls"));
+        assert!(bad("", r#""content": "a", "reasoning_content": 3"#).contains("invalid type"));
+        // Content may only be missing beside tool calls.
+        assert!(bad("", r#""reasoning_content": "r""#).contains("content"));
+        // Tools given on the record and on a system message.
+        let line = r#"{"tools": [{"name": "f"}], "conversations": [{"role": "system", "content": "s", "tools": [{"name": "g"}]}, {"role": "assistant", "content": "a"}]}"#;
+        assert!(parse_line(line.as_bytes(), Kind::Chat)
+            .unwrap_err()
+            .to_string()
+            .contains("given twice"));
+        // Schema is checked before roles (contracts.md §1 order).
+        let line = r#"{"conversations": [{"role": "bot", "content": "a"}, {"role": "assistant", "content": "a", "tool_calls": 5}]}"#;
+        assert_eq!(
+            parse_line(line.as_bytes(), Kind::Chat).unwrap_err().code(),
+            "bad_schema"
+        );
+    }
+
+    #[test]
+    fn python_messages_pass_the_same_checks() {
+        let c = parse_chat_json(
+            r#"[{"role": "user", "content": "q"}]"#,
+            Some(r#"[{"name": "f"}]"#),
+            false,
+        )
+        .unwrap();
+        assert_eq!((c.messages.len(), c.tools.len()), (1, 1));
+        assert_eq!(
+            parse_chat_json(r#"[{"role": "user", "content": "q"}]"#, None, true).unwrap_err(),
+            BadReason::NoAssistant
+        );
+        assert_eq!(
+            parse_chat_json("[]", None, false).unwrap_err(),
+            BadReason::EmptyConversation
+        );
+        assert_eq!(
+            parse_chat_json(r#"[{"role": "x", "content": "q"}]"#, None, false)
+                .unwrap_err()
+                .code(),
+            "unknown_role"
+        );
     }
 }

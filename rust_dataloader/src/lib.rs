@@ -6,6 +6,8 @@ pub mod error;
 pub mod jsonl;
 pub mod loader;
 pub mod pack;
+pub mod pyjson;
+pub mod template;
 pub mod tokenizer;
 pub mod tokenizer_train;
 

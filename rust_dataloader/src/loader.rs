@@ -345,7 +345,7 @@ fn fingerprint(cfg: &LoaderConfig, stores: &[DocStore], tok: &ChatTokenizer) -> 
     }
     h.update(format!(
         "tok={} tpl={} kind={:?} T={} B={} seed={} rank={} world={} tw={} skip={}",
-        tok.hash(),
+        tok.cache_identity(),
         TEMPLATE_VERSION,
         cfg.kind,
         cfg.seq_len,

@@ -12,8 +12,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::error::{BadReason, DataError};
-use crate::jsonl::{check_conversation, for_each_record, Kind, Message, Texts, Workers};
+use crate::jsonl::{for_each_record, parse_chat_json, Chat, Kind, Texts, Workers};
 use crate::loader::{Cursor, Loader, LoaderConfig, LoaderState, Split};
+use crate::template::{EmptyThink, Family};
 use crate::tokenizer::{self, ChatTokenizer as Core};
 use crate::tokenizer_train::{default_max_memory, parse_size, train_bounded, TrainConfig};
 
@@ -38,16 +39,35 @@ impl From<DataError> for PyErr {
     }
 }
 
-/// Read `[{"role": ..., "content": ...}, ...]` from Python. `training` requires an assistant turn.
-fn messages_from_py(messages: &Bound<'_, PyAny>, training: bool) -> PyResult<Vec<Message>> {
-    let mut raw = Vec::new();
+/// `json.dumps(obj, ensure_ascii=False)`: how messages and tools cross into Rust, so they
+/// pass the checks (and the key order) of a file's lines.
+fn dumps(obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    let py = obj.py();
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("ensure_ascii", false)?;
+    py.import("json")?
+        .call_method("dumps", (obj,), Some(&kwargs))?
+        .extract()
+}
+
+/// Read `[{"role": ..., "content": ..., "reasoning_content"?, "tool_calls"?}, ...]` and the
+/// optional tools from Python. `training` requires an assistant turn.
+fn chat_from_py(
+    messages: &Bound<'_, PyAny>,
+    tools: Option<&Bound<'_, PyAny>>,
+    training: bool,
+) -> PyResult<Chat> {
+    let list = PyList::empty(messages.py());
     for item in messages.try_iter()? {
-        let item = item?;
-        let role: String = item.get_item("role")?.extract()?;
-        let content: String = item.get_item("content")?.extract()?;
-        raw.push((role, content));
+        list.append(item?)?;
     }
-    check_conversation(raw, training).map_err(|reason| PyValueError::new_err(reason.to_string()))
+    let messages = dumps(list.as_any())?;
+    let tools = match tools {
+        Some(t) if !t.is_none() => Some(dumps(t)?),
+        _ => None,
+    };
+    parse_chat_json(&messages, tools.as_deref(), training)
+        .map_err(|reason| PyValueError::new_err(reason.to_string()))
 }
 
 type Array1<'py, T> = Bound<'py, PyArray1<T>>;
@@ -60,11 +80,17 @@ pub struct ChatTokenizer {
 
 #[pymethods]
 impl ChatTokenizer {
-    /// Load `DIR/tokenizer.json` (a directory) or a `tokenizer.json` file.
+    /// Load `DIR/tokenizer.json` (a directory) or a `tokenizer.json` file. `template`:
+    /// "minimind2" or "chatml" (`None`: the family the folder's tokenizer_config.json names);
+    /// `empty_think`: "keep" or "drop" the empty think block of a chatml turn without
+    /// reasoning when training (contracts.md §2).
     #[staticmethod]
-    fn from_dir(path: PathBuf) -> PyResult<Self> {
+    #[pyo3(signature = (path, template = None, empty_think = "keep"))]
+    fn from_dir(path: PathBuf, template: Option<&str>, empty_think: &str) -> PyResult<Self> {
+        let family = template.map(Family::parse).transpose()?;
+        let empty_think = EmptyThink::parse(empty_think)?;
         Ok(ChatTokenizer {
-            core: Arc::new(Core::from_path(&path)?),
+            core: Arc::new(Core::load(&path, family, empty_think)?),
         })
     }
 
@@ -92,28 +118,35 @@ impl ChatTokenizer {
         Ok(self.core.decode(&ids, skip_special_tokens)?)
     }
 
-    /// `(ids int32, weights float32)` of a training conversation (contracts.md §2).
-    #[pyo3(signature = (messages, think_weight = 1.0))]
+    /// `(ids int32, weights float32)` of a training conversation (contracts.md §2), with the
+    /// function schemas `tools` offered to it (chatml).
+    #[pyo3(signature = (messages, think_weight = 1.0, tools = None))]
     fn encode_conversation<'py>(
         &self,
         py: Python<'py>,
         messages: &Bound<'py, PyAny>,
         think_weight: f32,
+        tools: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<(Array1<'py, i32>, Array1<'py, f32>)> {
-        let msgs = messages_from_py(messages, true)?;
-        let enc = py.detach(|| self.core.encode_conversation(&msgs))?;
+        let chat = chat_from_py(messages, tools, true)?;
+        let enc = py.detach(|| self.core.encode_chat(&chat))?;
         let weights = enc.weights(think_weight);
         Ok((to_i32(enc.ids).into_pyarray(py), weights.into_pyarray(py)))
     }
 
-    /// Ids of the history followed by `<s>assistant\n`.
+    /// Ids of the history followed by the generation prompt (`<s>assistant\n`, or
+    /// `<|im_start|>assistant\n<think>\n\n</think>\n\n`; with `thinking=True` chatml ends in
+    /// `<think>\n`).
+    #[pyo3(signature = (messages, tools = None, thinking = false))]
     fn encode_prompt<'py>(
         &self,
         py: Python<'py>,
         messages: &Bound<'py, PyAny>,
+        tools: Option<&Bound<'py, PyAny>>,
+        thinking: bool,
     ) -> PyResult<Bound<'py, PyArray1<i32>>> {
-        let msgs = messages_from_py(messages, false)?;
-        let ids = py.detach(|| self.core.encode_prompt(&msgs))?;
+        let chat = chat_from_py(messages, tools, false)?;
+        let ids = py.detach(|| self.core.encode_chat_prompt(&chat, thinking))?;
         Ok(to_i32(ids).into_pyarray(py))
     }
 
@@ -127,11 +160,61 @@ impl ChatTokenizer {
         Ok(to_i32(enc.ids).into_pyarray(py))
     }
 
-    /// The template rendered as text (for display and for checking the Jinja template).
-    #[pyo3(signature = (messages, add_generation_prompt = false))]
-    fn render(&self, messages: &Bound<'_, PyAny>, add_generation_prompt: bool) -> PyResult<String> {
-        let msgs = messages_from_py(messages, false)?;
-        Ok(tokenizer::render(&msgs, add_generation_prompt))
+    /// The template rendered as text (for display and for checking the Jinja template, which
+    /// renders the same with `tools=` and `open_thinking=thinking`).
+    #[pyo3(signature = (messages, add_generation_prompt = false, tools = None, thinking = false))]
+    fn render(
+        &self,
+        messages: &Bound<'_, PyAny>,
+        add_generation_prompt: bool,
+        tools: Option<&Bound<'_, PyAny>>,
+        thinking: bool,
+    ) -> PyResult<String> {
+        let chat = chat_from_py(messages, tools, false)?;
+        Ok(self.core.render(&chat, add_generation_prompt, thinking)?)
+    }
+
+    /// The template family: "minimind2" or "chatml".
+    #[getter]
+    fn template(&self) -> &'static str {
+        self.core.family().name()
+    }
+
+    /// "keep" or "drop" (chatml's empty think blocks in training text).
+    #[getter]
+    fn empty_think(&self) -> &'static str {
+        self.core.template().empty_think.name()
+    }
+
+    /// The family's Jinja chat template (for tokenizer_config.json, exports, GGUF).
+    #[getter]
+    fn chat_template(&self) -> &'static str {
+        self.core.family().jinja()
+    }
+
+    /// Ids that end a generated reply: `[</s>]`, or `[<|im_end|>, <|endoftext|>]`.
+    #[getter]
+    fn stop_ids(&self) -> Vec<u32> {
+        self.core.stop_ids().to_vec()
+    }
+
+    #[getter]
+    fn bos_token(&self) -> Option<String> {
+        self.core.inner().id_to_token(self.core.bos)
+    }
+    #[getter]
+    fn eos_token(&self) -> Option<String> {
+        self.core.inner().id_to_token(self.core.eos)
+    }
+    #[getter]
+    fn pad_token(&self) -> Option<String> {
+        self.core.inner().id_to_token(self.core.unk)
+    }
+
+    /// The reasoning tags of the family (`<think>`, `</think>`, and minimind2's `<answer>` pair).
+    #[getter]
+    fn reasoning_tags<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.core.family().reasoning_tags())
     }
 
     fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -442,6 +525,26 @@ fn train_bpe_bounded<'py>(
     Ok((out.model_json, d))
 }
 
+/// What a template family is made of: `specials` (the added tokens a tokenizer trained for
+/// it gets, in id order; the first `num_special` are special tokens), `bos`, `eos`, `pad`,
+/// `stop_tokens`, `reasoning_tags` and `chat_template` (its Jinja twin).
+#[pyfunction]
+fn template_info<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
+    let f = Family::parse(name)?;
+    let d = PyDict::new(py);
+    d.set_item("name", f.name())?;
+    d.set_item("specials", PyTuple::new(py, f.train_specials())?)?;
+    d.set_item("num_special", f.num_special())?;
+    let [bos, eos, pad] = f.markers();
+    d.set_item("bos", bos)?;
+    d.set_item("eos", eos)?;
+    d.set_item("pad", pad)?;
+    d.set_item("stop_tokens", PyTuple::new(py, f.stop_tokens())?)?;
+    d.set_item("reasoning_tags", PyTuple::new(py, f.reasoning_tags())?)?;
+    d.set_item("chat_template", f.jinja())?;
+    Ok(d)
+}
+
 #[pymodule]
 fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ChatTokenizer>()?;
@@ -462,6 +565,8 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
         PyTuple::new(m.py(), tokenizer::REASONING_TAGS)?,
     )?;
     m.add("BAD_LINE_REASONS", BadReason::CODES.to_vec())?;
+    m.add("TEMPLATES", PyTuple::new(m.py(), Family::NAMES)?)?;
+    m.add_function(wrap_pyfunction!(template_info, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -52,6 +52,50 @@ pub fn tiny_tokenizer(dir: &Path, with_tags: bool) -> (ChatTokenizer, Tokenizer)
     (ChatTokenizer::from_path(&path).unwrap(), plain)
 }
 
+/// A chatml tokenizer in `dir/tokenizer.json` (MiniMind-3's added tokens: three special,
+/// the think and tool tags plain added tokens), trained like [`tiny_tokenizer`]; with the
+/// same model without added tokens.
+pub fn tiny_chatml_tokenizer(dir: &Path) -> (ChatTokenizer, Tokenizer) {
+    use crate::template::{CHATML_NUM_SPECIAL, CHATML_SPECIAL_TOKENS};
+    let specials: Vec<String> = CHATML_SPECIAL_TOKENS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut words: AHashMap<CompactString, u64> = AHashMap::new();
+    let re = split_re().unwrap();
+    for _ in 0..3 {
+        for t in TRAIN_TEXTS
+            .iter()
+            .chain(&["{\"name\": \"f\", \"arguments\": {\"x\": 1}}"])
+        {
+            pretokenize(re, t, |p| *words.entry(byte_level(p)).or_default() += 1);
+        }
+    }
+    let model = train_on_counts(&words, 400, &specials).unwrap();
+    let mut plain = Tokenizer::new(model);
+    plain.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    plain.with_decoder(Some(ByteLevelDecoder::default()));
+    let mut full = plain.clone();
+    let (special, rest) = specials.split_at(CHATML_NUM_SPECIAL);
+    full.add_special_tokens(
+        special
+            .iter()
+            .map(|s| AddedToken::from(s.clone(), true))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    full.add_tokens(
+        rest.iter()
+            .map(|s| AddedToken::from(s.clone(), false).normalized(false))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    full.save(&path, false).unwrap();
+    (ChatTokenizer::from_path(&path).unwrap(), plain)
+}
+
 pub fn write_lines(path: &Path, lines: &[String]) -> PathBuf {
     let mut f = std::fs::File::create(path).unwrap();
     for l in lines {

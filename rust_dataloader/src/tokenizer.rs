@@ -21,13 +21,13 @@ use tokenizers::tokenizer::{Model, Normalizer, PreTokenizer};
 use tokenizers::{NormalizedString, OffsetReferential, OffsetType, PreTokenizedString, Tokenizer};
 
 use crate::error::{DataError, Result};
-use crate::jsonl::{strip_document_markers, Message, Record, Role};
+use crate::jsonl::{strip_document_markers, Chat, Message, Record, Role};
+pub use crate::template::DEFAULT_SYSTEM;
+use crate::template::{self, chatml_pieces, EmptyThink, Family, Piece, Template};
 
-/// Bumped whenever rendering or masking changes; part of the token cache key.
+/// Bumped whenever the minimind2 rendering or masking changes; part of the token cache key
+/// (the chatml family adds its own version, `template::CHATML_VERSION`).
 pub const TEMPLATE_VERSION: u32 = 1;
-
-/// The system prompt used when a conversation does not start with one.
-pub const DEFAULT_SYSTEM: &str = "你是 SpongeBob，一个乐于助人的人工智能助手。";
 
 /// The reasoning tags recognised inside assistant content (contracts.md §2).
 pub const REASONING_TAGS: [&str; 4] = ["<think>", "</think>", "<answer>", "</answer>"];
@@ -83,9 +83,14 @@ pub struct ChatTokenizer {
     tok: Tokenizer,
     path: PathBuf,
     hash: String,
+    template: Template,
+    /// The family's begin- and end-of-turn tokens (`<s>`/`</s>`, `<|im_start|>`/`<|im_end|>`).
     pub bos: u32,
     pub eos: u32,
+    /// Padding (and unknown): the config's `pad_token`, else `<unk>` / `<|endoftext|>`.
     pub unk: u32,
+    /// Ids of the family's stop tokens that the vocab has.
+    stop_ids: Vec<u32>,
     /// Token sequence of each tag (one id when the tokenizer has it as a token).
     tag_ids: [Vec<u32>; 4],
     headers: [Vec<u32>; 3],
@@ -100,9 +105,53 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> DataError {
     }
 }
 
+/// `tokenizer_config.json` next to `tokenizer.json`, if there is one.
+fn read_config(tokenizer_json: &Path) -> Result<Option<serde_json::Value>> {
+    let Some(dir) = tokenizer_json.parent() else {
+        return Ok(None);
+    };
+    let path = dir.join("tokenizer_config.json");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DataError::io(&path, e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| tok_err(&path, e))
+}
+
+/// The config's `chat_template`: a string, or the `default` of a list of named templates.
+fn config_chat_template(config: &serde_json::Value) -> Option<String> {
+    match config.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|t| t.get("template")?.as_str().map(str::to_owned)),
+        _ => None,
+    }
+}
+
+/// A token named in the config: `"<unk>"` or `{"content": "<unk>", ...}`.
+fn config_token(config: &serde_json::Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        v => v.get("content")?.as_str().map(str::to_owned),
+    }
+}
+
 impl ChatTokenizer {
-    /// Load `DIR/tokenizer.json` (or a `tokenizer.json` path).
+    /// Load `DIR/tokenizer.json` (or a `tokenizer.json` path) with the family its folder is
+    /// made for and the empty think blocks kept.
     pub fn from_path(path: &Path) -> Result<Self> {
+        Self::load(path, None, EmptyThink::Keep)
+    }
+
+    /// Load with a template family (`None`: the one `tokenizer_config.json` names, see
+    /// [`Family::detect`]) and the chatml empty-think option.
+    pub fn load(path: &Path, family: Option<Family>, empty_think: EmptyThink) -> Result<Self> {
         let file = if path.is_dir() {
             path.join("tokenizer.json")
         } else {
@@ -111,22 +160,36 @@ impl ChatTokenizer {
         let bytes = std::fs::read(&file).map_err(|e| DataError::io(&file, e))?;
         let tok = Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(&file, e))?;
         let hash = format!("{:x}", Sha256::digest(&bytes));
+        let config = read_config(&file)?;
+        let chat_template = config.as_ref().and_then(config_chat_template);
+        let family = family.unwrap_or_else(|| {
+            Family::detect(chat_template.as_deref(), |t| tok.token_to_id(t).is_some())
+        });
         let special = |t: &str| {
             tok.token_to_id(t)
                 .ok_or_else(|| tok_err(&file, format!("missing special token {t}")))
         };
-        let (unk, bos, eos) = (
-            special(SPECIAL_TOKENS[0])?,
-            special(SPECIAL_TOKENS[1])?,
-            special(SPECIAL_TOKENS[2])?,
-        );
+        let [bos_name, eos_name, pad_name] = family.markers();
+        let pad_name = config
+            .as_ref()
+            .and_then(|c| config_token(c, "pad_token").or_else(|| config_token(c, "unk_token")))
+            .filter(|t| tok.token_to_id(t).is_some())
+            .unwrap_or_else(|| pad_name.to_owned());
+        let (bos, eos, unk) = (special(bos_name)?, special(eos_name)?, special(&pad_name)?);
+        let stop_ids = family
+            .stop_tokens()
+            .iter()
+            .filter_map(|t| tok.token_to_id(t))
+            .collect();
         let mut me = ChatTokenizer {
             tok,
             path: file,
             hash,
+            template: Template::new(family, empty_think),
             bos,
             eos,
             unk,
+            stop_ids,
             tag_ids: Default::default(),
             headers: Default::default(),
             newline: vec![],
@@ -144,6 +207,28 @@ impl ChatTokenizer {
         me.newline = me.encode_plain("\n")?;
         me.default_system = me.encode_plain(DEFAULT_SYSTEM)?;
         Ok(me)
+    }
+
+    pub fn template(&self) -> &Template {
+        &self.template
+    }
+
+    pub fn family(&self) -> Family {
+        self.template.family
+    }
+
+    /// Ids that end a generated reply (`</s>`; `<|im_end|>` and `<|endoftext|>`).
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// The tokenizer hash plus the template's identity where it is not the default: what the
+    /// token cache key and the loader fingerprint hash.
+    pub fn cache_identity(&self) -> String {
+        match self.template.identity() {
+            None => self.hash.clone(),
+            Some(t) => format!("{}+{t}", self.hash),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -211,7 +296,13 @@ impl ChatTokenizer {
 
     /// `<s>` + text (one marker pair stripped) + `</s>`; every token but `<s>` is trained.
     pub fn encode_document(&self, text: &str) -> Result<Encoded> {
-        let body = self.encode_plain(strip_document_markers(text))?;
+        let body = match self.template.family {
+            Family::Minimind2 => self.encode_plain(strip_document_markers(text))?,
+            Family::Chatml => {
+                let t = text.strip_prefix(template::IM_START).unwrap_or(text);
+                self.encode_plain(t.strip_suffix(template::IM_END).unwrap_or(t))?
+            }
+        };
         let mut out = Encoded::default();
         out.push(&[self.bos], UNTRAINED);
         out.push(&body, TRAINED);
@@ -258,6 +349,9 @@ impl ChatTokenizer {
     }
 
     fn push_history(&self, out: &mut Encoded, messages: &[Message]) -> Result<()> {
+        if messages.iter().any(Message::uses_tools) {
+            return Err(template::no_tools_error());
+        }
         if messages.first().map(|m| m.role) != Some(Role::System) {
             out.push(&[self.bos], UNTRAINED);
             out.push(&self.headers[Role::System as usize], UNTRAINED);
@@ -266,48 +360,155 @@ impl ChatTokenizer {
             out.push(&self.newline, UNTRAINED);
         }
         for m in messages {
-            self.push_turn(out, m.role, &m.content)?;
+            self.push_turn(out, m.role, &template::minimind2_content(m))?;
         }
         Ok(())
     }
 
-    /// A whole training conversation with its per-token classes.
+    /// Encode chatml pieces: a structural token is its id (or, with a tokenizer that lacks
+    /// it, its text); the text between two tokens is encoded as one string, as `tokenizers`
+    /// encodes the rendered conversation, and each pre-token takes the class of the piece
+    /// its last byte comes from.
+    fn push_pieces(&self, out: &mut Encoded, pieces: &[Piece]) -> Result<()> {
+        let mut text = String::new();
+        let mut bounds: Vec<(usize, u8)> = Vec::new();
+        for piece in pieces {
+            let (s, class) = match piece {
+                Piece::Token(name, class) => match self.tok.token_to_id(name) {
+                    Some(id) => {
+                        self.push_classed(out, &text, &bounds)?;
+                        text.clear();
+                        bounds.clear();
+                        out.push(&[id], *class);
+                        continue;
+                    }
+                    None => (*name, *class),
+                },
+                Piece::Text(s, class) => (s.as_str(), *class),
+            };
+            text.push_str(s);
+            bounds.push((text.len(), class));
+        }
+        self.push_classed(out, &text, &bounds)
+    }
+
+    /// `text` encoded as plain text; `bounds` = (end byte, class) of consecutive pieces.
+    fn push_classed(&self, out: &mut Encoded, text: &str, bounds: &[(usize, u8)]) -> Result<()> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let mut normalized = NormalizedString::from(text);
+        if let Some(n) = self.tok.get_normalizer() {
+            n.normalize(&mut normalized)
+                .map_err(|e| DataError::Tokenize(e.to_string()))?;
+        }
+        let mut pre = PreTokenizedString::from(normalized);
+        if let Some(p) = self.tok.get_pre_tokenizer() {
+            p.pre_tokenize(&mut pre)
+                .map_err(|e| DataError::Tokenize(e.to_string()))?;
+        }
+        let model = self.tok.get_model();
+        pre.tokenize(|n| model.tokenize(n.get()))
+            .map_err(|e| DataError::Tokenize(e.to_string()))?;
+        for (_, (_, end), tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            let Some(tokens) = tokens else { continue };
+            let last = end.saturating_sub(1);
+            let class = bounds
+                .iter()
+                .find(|(b, _)| last < *b)
+                .map_or(UNTRAINED, |(_, c)| *c);
+            let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+            out.push(&ids, class);
+        }
+        Ok(())
+    }
+
+    /// A whole training conversation with its per-token classes (messages only, no tools).
     pub fn encode_conversation(&self, messages: &[Message]) -> Result<Encoded> {
+        self.encode_chat(&Chat {
+            messages: messages.to_vec(),
+            tools: Vec::new(),
+        })
+    }
+
+    /// A whole training conversation (with its tools) and its per-token classes.
+    pub fn encode_chat(&self, chat: &Chat) -> Result<Encoded> {
         let mut out = Encoded::default();
-        self.push_history(&mut out, messages)?;
+        match self.template.family {
+            Family::Minimind2 => {
+                if !chat.tools.is_empty() {
+                    return Err(template::no_tools_error());
+                }
+                self.push_history(&mut out, &chat.messages)?;
+            }
+            Family::Chatml => {
+                let p = chatml_pieces(chat, self.template.empty_think, false, false);
+                self.push_pieces(&mut out, &p.0)?;
+            }
+        }
         Ok(out)
     }
 
     /// The history followed by `<s>assistant\n`: what the model continues at chat time.
     pub fn encode_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        self.encode_chat_prompt(
+            &Chat {
+                messages: messages.to_vec(),
+                tools: Vec::new(),
+            },
+            false,
+        )
+    }
+
+    /// The history (with its tools) followed by the generation prompt: `<s>assistant\n`, or
+    /// `<|im_start|>assistant\n<think>\n\n</think>\n\n` (`thinking`: `…<think>\n`, the
+    /// model writes its reasoning).
+    pub fn encode_chat_prompt(&self, chat: &Chat, thinking: bool) -> Result<Vec<u32>> {
         let mut out = Encoded::default();
-        self.push_history(&mut out, messages)?;
-        out.push(&[self.bos], UNTRAINED);
-        out.push(&self.headers[Role::Assistant as usize], UNTRAINED);
+        match self.template.family {
+            Family::Minimind2 => {
+                if !chat.tools.is_empty() {
+                    return Err(template::no_tools_error());
+                }
+                self.push_history(&mut out, &chat.messages)?;
+                out.push(&[self.bos], UNTRAINED);
+                out.push(&self.headers[Role::Assistant as usize], UNTRAINED);
+            }
+            Family::Chatml => {
+                // The prompt is what the model reads: every turn as the template renders it.
+                let p = chatml_pieces(chat, EmptyThink::Keep, true, thinking);
+                self.push_pieces(&mut out, &p.0)?;
+            }
+        }
         Ok(out.ids)
     }
 
     pub fn encode_record(&self, record: &Record) -> Result<Encoded> {
         match record {
             Record::Text(t) => self.encode_document(t),
-            Record::Chat(m) => self.encode_conversation(m),
+            Record::Chat(c) => self.encode_chat(c),
         }
+    }
+
+    /// The template as text (what the family's Jinja twin renders).
+    pub fn render(
+        &self,
+        chat: &Chat,
+        add_generation_prompt: bool,
+        thinking: bool,
+    ) -> Result<String> {
+        template::render(&self.template, chat, add_generation_prompt, thinking)
     }
 }
 
-/// The template as a string (what `tokenizer_config.json`'s `chat_template` renders).
+/// The minimind2 template as a string (what its `chat_template` renders).
 pub fn render(messages: &[Message], add_generation_prompt: bool) -> String {
-    let mut s = String::new();
-    if messages.first().map(|m| m.role) != Some(Role::System) {
-        s.push_str(&format!("<s>system\n{DEFAULT_SYSTEM}</s>\n"));
-    }
-    for m in messages {
-        s.push_str(&format!("<s>{}\n{}</s>\n", m.role.name(), m.content));
-    }
-    if add_generation_prompt {
-        s.push_str("<s>assistant\n");
-    }
-    s
+    let chat = Chat {
+        messages: messages.to_vec(),
+        tools: Vec::new(),
+    };
+    let t = Template::new(Family::Minimind2, EmptyThink::Keep);
+    template::render(&t, &chat, add_generation_prompt, false).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -336,10 +537,7 @@ mod tests {
     }
 
     fn msg(role: Role, content: &str) -> Message {
-        Message {
-            role,
-            content: content.into(),
-        }
+        Message::new(role, content)
     }
 
     /// `<s>{role}\n{content}</s>\n` of a turn that is not trained.
@@ -513,5 +711,192 @@ mod tests {
             assert_eq!(tok.inner().token_to_id(t), Some(i as u32), "{t}");
         }
         assert_eq!((tok.unk, tok.bos, tok.eos), (0, 1, 2));
+    }
+
+    // --- the chatml family -------------------------------------------------------------
+
+    use crate::jsonl::{Chat, ToolCall};
+    use crate::template::{EmptyThink, Family};
+    use crate::test_support::tiny_chatml_tokenizer;
+
+    fn chat(messages: Vec<Message>, tools: &[&str]) -> Chat {
+        Chat {
+            messages,
+            tools: tools.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn chatml_trains_reasoning_answer_tool_calls_and_im_end_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tok, plain) = tiny_chatml_tokenizer(dir.path());
+        assert_eq!(tok.family(), Family::Chatml);
+        assert_eq!((tok.unk, tok.bos, tok.eos), (0, 1, 2));
+        assert_eq!(tok.stop_ids(), &[2, 0]);
+        let mut call = msg(Role::Assistant, "hello");
+        call.tool_calls.push(ToolCall {
+            name: "f".into(),
+            arguments: "{\"x\": 1}".into(),
+        });
+        let mut reasoned = msg(Role::Assistant, "3");
+        reasoned.reasoning = Some("1 + 2".into());
+        let c = chat(
+            vec![
+                msg(Role::User, "你好"),
+                call,
+                msg(Role::Tool, "{\"y\": 2}"),
+                reasoned,
+            ],
+            &["{\"name\": \"f\"}"],
+        );
+        let tools_text = format!(
+            "system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{}\n</tools>\n\nFor each function call, return a json object with function name and arguments within ",
+            c.tools[0]
+        );
+        let segs = vec![
+            (Sp("<|im_start|>"), UNTRAINED),
+            (Text(&tools_text), UNTRAINED),
+            (Sp("<tool_call>"), UNTRAINED),
+            (Sp("</tool_call>"), UNTRAINED),
+            (Text(" XML tags:\n"), UNTRAINED),
+            (Sp("<tool_call>"), UNTRAINED),
+            (
+                Text("\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"),
+                UNTRAINED,
+            ),
+            (Sp("</tool_call>"), UNTRAINED),
+            (Sp("<|im_end|>"), UNTRAINED),
+            (Text("\n"), UNTRAINED),
+            (Sp("<|im_start|>"), UNTRAINED),
+            (Text("user\n你好"), UNTRAINED),
+            (Sp("<|im_end|>"), UNTRAINED),
+            (Text("\n"), UNTRAINED),
+            // The call turn: empty think block (kept), answer, the call.
+            (Sp("<|im_start|>"), UNTRAINED),
+            (Text("assistant\n"), UNTRAINED),
+            (Sp("<think>"), TAG),
+            (Text("\n\n"), TRAINED),
+            (Sp("</think>"), TAG),
+            (Text("\n\nhello\n"), TRAINED),
+            (Sp("<tool_call>"), TRAINED),
+            (
+                Text("\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n"),
+                TRAINED,
+            ),
+            (Sp("</tool_call>"), TRAINED),
+            (Sp("<|im_end|>"), TRAINED),
+            (Text("\n"), UNTRAINED),
+            // The tool's response, inside a user turn.
+            (Sp("<|im_start|>"), UNTRAINED),
+            (Text("user\n"), UNTRAINED),
+            (Sp("<tool_response>"), UNTRAINED),
+            (Text("\n{\"y\": 2}\n"), UNTRAINED),
+            (Sp("</tool_response>"), UNTRAINED),
+            (Sp("<|im_end|>"), UNTRAINED),
+            (Text("\n"), UNTRAINED),
+            (Sp("<|im_start|>"), UNTRAINED),
+            (Text("assistant\n"), UNTRAINED),
+            (Sp("<think>"), TAG),
+            (Text("\n1 + 2\n"), TRAINED),
+            (Sp("</think>"), TAG),
+            (Text("\n\n3"), TRAINED),
+            (Sp("<|im_end|>"), TRAINED),
+            (Text("\n"), UNTRAINED),
+        ];
+        let got = tok.encode_chat(&c).unwrap();
+        assert_same(&got, &expected(&tok, &plain, &segs));
+        let rendered = tok.render(&c, false, false).unwrap();
+        assert_eq!(tok.decode(&got.ids, false).unwrap(), rendered);
+        // The ids are those `tokenizers` gives the rendered text (added tokens matched).
+        assert_eq!(tok.encode_with_specials(&rendered).unwrap(), got.ids);
+        // The prompt: the same history, then `<|im_start|>assistant\n<think>\n\n</think>\n\n`.
+        let prompt = tok.encode_chat_prompt(&c, false).unwrap();
+        let rendered = tok.render(&c, true, false).unwrap();
+        assert_eq!(prompt, tok.encode_with_specials(&rendered).unwrap());
+        assert!(rendered.ends_with("<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"));
+        let thinking = tok.render(&c, true, true).unwrap();
+        assert!(thinking.ends_with("<|im_start|>assistant\n<think>\n"));
+    }
+
+    #[test]
+    fn chatml_can_drop_empty_think_blocks_and_keys_its_cache_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keep, _) = tiny_chatml_tokenizer(dir.path());
+        let file = dir.path().join("tokenizer.json");
+        let drop = ChatTokenizer::load(&file, None, EmptyThink::Drop).unwrap();
+        let c = chat(
+            vec![msg(Role::User, "hello"), msg(Role::Assistant, " world")],
+            &[],
+        );
+        let kept = keep.encode_chat(&c).unwrap();
+        let dropped = drop.encode_chat(&c).unwrap();
+        let text = drop.decode(&dropped.ids, false).unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n world<|im_end|>\n"
+        );
+        assert_eq!(kept.classes.iter().filter(|&&c| c == TAG).count(), 2);
+        assert!(keep
+            .decode(&kept.ids, false)
+            .unwrap()
+            .contains("assistant\n<think>\n\n</think>\n\n world"));
+        assert!(!dropped.classes.contains(&TAG));
+        // The answer's tokens and <|im_end|> are trained, the header is not; a pre-token that
+        // straddles the header's newline and the answer counts as the answer.
+        let trained: Vec<u32> = dropped
+            .ids
+            .iter()
+            .zip(&dropped.classes)
+            .filter(|(_, &c)| c == TRAINED)
+            .map(|(&i, _)| i)
+            .collect();
+        let t = drop.decode(&trained, false).unwrap();
+        assert!(t.ends_with("world<|im_end|>"), "{t:?}");
+        assert!(!t.contains("assistant"), "{t:?}");
+        // Cache identities: the default family is the bare hash, chatml's adds its options.
+        assert_ne!(keep.cache_identity(), drop.cache_identity());
+        assert!(keep.cache_identity().starts_with(keep.hash()));
+        let m2 = ChatTokenizer::load(&file, Some(Family::Minimind2), EmptyThink::Keep);
+        match m2 {
+            Err(e) => assert!(e.to_string().contains("missing special token <s>"), "{e}"),
+            Ok(_) => panic!("a chatml vocab loaded as minimind2"),
+        }
+    }
+
+    #[test]
+    fn minimind2_renders_reasoning_content_and_refuses_tools() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tok, _) = tiny_tokenizer(dir.path(), true);
+        assert_eq!(tok.family(), Family::Minimind2);
+        assert_eq!(tok.stop_ids(), &[tok.eos]);
+        assert_eq!(tok.cache_identity(), tok.hash());
+        let mut a = msg(Role::Assistant, "<answer>\n3\n</answer>");
+        a.reasoning = Some("1 + 2".into());
+        let same = msg(
+            Role::Assistant,
+            "<think>\n1 + 2\n</think>\n<answer>\n3\n</answer>",
+        );
+        let u = msg(Role::User, "q");
+        assert_eq!(
+            tok.encode_conversation(&[u.clone(), a]).unwrap(),
+            tok.encode_conversation(&[u.clone(), same]).unwrap()
+        );
+        let mut call = msg(Role::Assistant, "");
+        call.tool_calls.push(ToolCall {
+            name: "f".into(),
+            arguments: "{}".into(),
+        });
+        for c in [
+            chat(vec![u.clone(), call], &[]),
+            chat(
+                vec![u.clone(), msg(Role::Tool, "r"), msg(Role::Assistant, "a")],
+                &[],
+            ),
+            chat(vec![u.clone(), msg(Role::Assistant, "a")], &["{}"]),
+        ] {
+            let e = tok.encode_chat(&c).unwrap_err().to_string();
+            assert!(e.contains("the minimind2 template has no tools"), "{e}");
+            assert!(tok.encode_chat_prompt(&c, false).is_err());
+        }
     }
 }
