@@ -277,6 +277,21 @@ def test_sequence_logps_is_the_fp32_sum_over_trained_tokens(pairs, ckpts):
     assert (per_token[b["labels"] == -100] == 0).all()
 
 
+def test_scoring_only_trained_positions_gives_the_full_logits_gradients(pairs, ckpts):
+    """token_logps asks a SpongeBob for logits at the trained positions only; the gradients
+    equal those of the same log-probs taken from the full [B, T, V] logits."""
+    model = load(ckpts[0]).train()
+    b = collate_pairs(pairs)
+    token_logps(model, b["input_ids"], b["labels"]).sum().backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logp = torch.log_softmax(model(b["input_ids"]).float(), dim=-1)
+    trained = b["labels"] != -100
+    logp.gather(-1, b["labels"].clamp_min(0)[..., None])[..., 0][trained].sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_dpo_loss_formula_and_metrics():
     pc = torch.tensor([-10.0, -20.0, -5.0], requires_grad=True)
     pr = torch.tensor([-12.0, -18.0, -5.0], requires_grad=True)

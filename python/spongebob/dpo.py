@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from spongebob.errors import UserError
+from spongebob.model import SpongeBob
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -370,11 +371,22 @@ def token_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
     """fp32 [B, T]: log p(labels[t] | input_ids[: t+1]) where `labels != -100`, else 0.
 
     Right-padded rows need no attention mask (causal attention never looks ahead). Goes
-    through `model(...)` (a SpongeBob returns logits; a `transformers` model's `.logits` is
-    used), so DDP hooks run. log p = logit[label] − logsumexp(logits), in fp32."""
+    through `model(...)` so DDP hooks run. A SpongeBob computes logits at the trained
+    positions only (`logits_mask`; most of a pair is prompt and padding, and the output layer
+    dominates a small model's cost); a `transformers` model's full `.logits` are used.
+    log p = logit[label] − logsumexp(logits), in fp32."""
+    trained = labels != IGNORE
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    inner = getattr(inner, "_orig_mod", inner)  # and so does torch.compile
+    if isinstance(inner, SpongeBob):
+        logits = model(input_ids, logits_mask=trained).float()  # [N, V]
+        picked = logits.gather(-1, labels[trained].unsqueeze(-1)).squeeze(-1)
+        logp = picked - torch.logsumexp(logits, dim=-1)
+        return torch.zeros(labels.shape, dtype=logp.dtype, device=logp.device).masked_scatter(
+            trained.to(logp.device), logp
+        )
     out = model(input_ids)
     logits = getattr(out, "logits", out).float()
-    trained = labels != IGNORE
     picked = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     logp = picked - torch.logsumexp(logits, dim=-1)
     return torch.where(trained, logp, torch.zeros_like(logp))

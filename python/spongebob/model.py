@@ -435,13 +435,19 @@ class SpongeBob(nn.Module):
         labels: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
         normalizer: torch.Tensor | None = None,
+        logits_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] in fp32, or, when `labels` is given, the training loss.
 
+        `logits_mask` (bool [B, T]) gives logits [N, vocab] of only the N positions it marks,
+        in row-major order: the output layer is most of the compute of a small model, so a
+        DPO/GRPO pass scores just its trained tokens and a prefill just its last position.
         The loss form exists because DDP only synchronises gradients for calls that go
         through `forward`; `loss(batch, normalizer)` is the friendlier spelling.
         """
         h = self.hidden_states(input_ids, position_ids, kv_cache, attn_mask)
+        if logits_mask is not None:
+            h = h[logits_mask.to(h.device, torch.bool)]
         if labels is not None:
             if loss_weights is None:
                 loss_weights = (labels != -100).to(torch.float32)
