@@ -193,6 +193,42 @@ def test_a_tokenizer_trained_for_chatml_has_minimind_s_specials_and_is_found_as_
     assert chatml_tok.decode([1, 3, 2], skip_special_tokens=True) == "<think>"
 
 
+@pytest.mark.parametrize("trainer", ["bounded", "plain"])
+def test_tokenizer_train_cli_with_template_chatml(tmp_path, train_corpus, trainer):
+    from tokenizers import Tokenizer
+
+    from spongebob.data import ChatTokenizer
+
+    out = tmp_path / "tok"
+    cmd = [
+        sys.executable,
+        "-m",
+        "spongebob",
+        "tokenizer",
+        "train",
+        "--data",
+        *map(str, train_corpus),
+    ]
+    cmd += ["--vocab-size", "400", "--out", str(out), "--template", "chatml", "--trainer", trainer]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    hf = Tokenizer.from_file(str(out / "tokenizer.json"))
+    added = {t.content: t.special for t in hf.get_added_tokens_decoder().values()}
+    assert list(added) == CHATML_TOKENS
+    assert [added[t] for t in CHATML_TOKENS] == [True] * 3 + [False] * 6
+    assert [hf.token_to_id(t) for t in CHATML_TOKENS] == list(range(9))
+    tok = ChatTokenizer.from_dir(str(out))
+    assert (tok.template, tok.stop_ids, tok.vocab_size) == ("chatml", [2, 0], 400)
+    info = subprocess.run(
+        [sys.executable, "-m", "spongebob", "tokenizer", "info", str(out), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    got = json.loads(info.stdout)
+    assert got["template"] == "chatml"
+    assert got["specials"] == {t: i for i, t in enumerate(CHATML_TOKENS)}
+
+
 @pytest.mark.parametrize("gen", [False, True])
 def test_chatml_render_and_ids_equal_transformers_on_every_field(chatml_tok, hf_chatml, gen):
     for case in _cases(gen):
@@ -455,6 +491,12 @@ def test_template_override_and_data_check_cli(tmp_path, chatml_tok_dir, tok_dir)
 
 
 # --- generation side -----------------------------------------------------------------------
+
+
+def test_chatml_pretraining_documents_are_framed_by_im_start_and_im_end(chatml_tok):
+    body = list(chatml_tok.encode("你好 world"))
+    for text in ("你好 world", "<|im_start|>你好 world<|im_end|>"):
+        assert list(chatml_tok.encode_document(text)) == [1, *body, 2]
 
 
 def test_stop_ids_are_the_family_s(chatml_tok, chat_tok):

@@ -50,7 +50,7 @@ impl fmt::Display for BadReason {
             BadReason::BadSchema(m) => write!(f, "bad record: {m}"),
             BadReason::UnknownRole(r) => write!(
                 f,
-                "unknown role {r:?} (expected \"system\", \"user\" or \"assistant\")"
+                "unknown role {r:?} (expected \"system\", \"user\", \"assistant\" or \"tool\")"
             ),
             BadReason::EmptyConversation => write!(f, "empty conversation"),
             BadReason::NoAssistant => write!(f, "conversation has no assistant turn"),

@@ -1102,6 +1102,17 @@ mod tests {
     }
 
     #[test]
+    fn tokenizer_training_reads_reasoning_tool_arguments_and_schemas_too() {
+        let c = chat_of(
+            r#"{"tools": [{"name": "f"}], "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r", "tool_calls": [{"name": "f", "arguments": {"x": 1}}]}]}"#,
+        );
+        assert_eq!(
+            chat_texts(c),
+            vec!["q", "a", "r", "{\"x\": 1}", "{\"name\": \"f\"}"]
+        );
+    }
+
+    #[test]
     fn python_messages_pass_the_same_checks() {
         let c = parse_chat_json(
             r#"[{"role": "user", "content": "q"}]"#,
