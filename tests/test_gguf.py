@@ -52,11 +52,12 @@ def _llama_ids(llm: llama_cpp.Llama, text: str, special: bool = False) -> list[i
     return llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
 
-@pytest.fixture(scope="module", params=["ours", "minimind"])
-def exported(request, tmp_path_factory, tok_dir, minimind_tok_dir):
-    """(name, checkpoint, f32 GGUF path) for our tokenizer and a MiniMind-style one."""
+@pytest.fixture(scope="module", params=["ours", "minimind", "chatml"])
+def exported(request, tmp_path_factory, tok_dir, minimind_tok_dir, chatml_tok_dir):
+    """(name, checkpoint, f32 GGUF path) for our tokenizer, a MiniMind-style one (no digit
+    split, three specials) and a chatml-family one."""
     d = tmp_path_factory.mktemp(f"gguf-{request.param}")
-    tdir = tok_dir if request.param == "ours" else minimind_tok_dir
+    tdir = {"ours": tok_dir, "minimind": minimind_tok_dir, "chatml": chatml_tok_dir}[request.param]
     vocab = json.loads((tdir / "tokenizer.json").read_text())
     n = len(vocab["model"]["vocab"]) + sum(
         a["id"] not in vocab["model"]["vocab"].values() for a in vocab["added_tokens"]
@@ -65,8 +66,8 @@ def exported(request, tmp_path_factory, tok_dir, minimind_tok_dir):
     return request.param, ckpt, export_gguf(ckpt, d / "model.gguf", "f32")
 
 
-def test_the_file_declares_llama_with_the_matching_pre_tokenizer(exported):
-    name, _, path = exported
+def test_the_file_declares_llama_with_the_matching_pre_tokenizer_and_template(exported):
+    name, ckpt, path = exported
     r = GGUFReader(str(path))
 
     def field(key):
@@ -75,11 +76,17 @@ def test_the_file_declares_llama_with_the_matching_pre_tokenizer(exported):
 
     assert field("general.architecture") == "llama"
     assert field("tokenizer.ggml.model") == "gpt2"
-    assert field("tokenizer.ggml.pre") == ("refact" if name == "ours" else "gpt-2")
+    assert field("tokenizer.ggml.pre") == ("gpt-2" if name == "minimind" else "refact")
     assert not field("tokenizer.ggml.add_bos_token")
     assert "output.weight" not in {t.name for t in r.tensors}  # tied: llama.cpp reuses token_embd
+    tok = checkpoint.load(ckpt, "cpu").tokenizer
+    assert field("tokenizer.chat_template") == tok.chat_template
+    assert field("tokenizer.ggml.eos_token_id") == tok.eos_id
+    assert field("tokenizer.ggml.eot_token_id") == tok.stop_ids[0]
     modelfile = (path.parent / "Modelfile").read_text()
-    assert 'PARAMETER stop "</s>"' in modelfile and f"FROM ./{path.name}" in modelfile
+    assert f"FROM ./{path.name}" in modelfile
+    for i in tok.stop_ids:
+        assert f'PARAMETER stop "{tok.id_to_token(i)}"' in modelfile
 
 
 def test_llama_cpp_splits_mixed_text_into_our_token_ids(exported):

@@ -13,12 +13,15 @@ architecture with the usual tensor names. Three things need care:
   `\\p{N}`, then the GPT-2 expression); MiniMind's plain `ByteLevel` is `gpt-2`. Any other
   pre-tokenizer is refused rather than exported to split differently. tests/test_gguf.py checks
   the ids against llama.cpp on mixed Chinese, English, digits, emoji and whitespace.
-* **Specials.** `<unk>`, `<s>`, `</s>` are control tokens (never printed); the reasoning tags are
-  user-defined tokens, so `<think>`…`</answer>` show in llama.cpp's and Ollama's output.
-  `add_bos_token` is false: our template writes every `<s>` itself.
+* **Specials and the template family** (contracts.md §2). The family's special tokens (`<unk>`,
+  `<s>`, `</s>`; or chatml's `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`) are control tokens,
+  never printed; the other added tokens (reasoning and tool tags) are user-defined, so
+  `<think>`… shows in llama.cpp's and Ollama's output. EOS is the family's end of turn, EOT its
+  first stop token; `add_bos_token` is false (the template writes its markers itself), and the
+  family's Jinja template is `tokenizer.chat_template`.
 
-Beside the file, an Ollama `Modelfile` with the template, the default system prompt and the stop
-token (`ollama create NAME -f Modelfile`).
+Beside the file, an Ollama `Modelfile` with the family's template, the default system prompt
+(minimind2) and the stop tokens (`ollama create NAME -f Modelfile`).
 
 `--dtype`: `f32` (exact), `f16`, or `q8_0` (2-D weights in 8-bit blocks of 32; the norms stay
 f32). The tied output layer is not stored: llama.cpp reuses `token_embd` as it does for any tied
@@ -106,10 +109,9 @@ def pre_tokenizer_name(tokenizer_json: dict, path: Path) -> str:
 
 
 def _vocab(tokenizer_json: dict, path: Path) -> tuple[list[str], list[int], list[str]]:
-    """Tokens by id, their GGUF types, and the merges as `"a b"` strings."""
+    """Tokens by id, their GGUF types (special added tokens are control tokens, the other
+    added ones user-defined), and the merges as `"a b"` strings."""
     from gguf import TokenType
-
-    from spongebob.data import REASONING_TAGS
 
     model = tokenizer_json.get("model") or {}
     if model.get("type") != "BPE":
@@ -124,10 +126,8 @@ def _vocab(tokenizer_json: dict, path: Path) -> tuple[list[str], list[int], list
         raise UserError(f"{path}: token ids {missing[:5]} have no token; the vocabulary has gaps")
     tokens = [by_id[i] for i in range(n)]
     types = []
-    for i, t in enumerate(tokens):
-        if i in added and t in REASONING_TAGS:
-            types.append(int(TokenType.USER_DEFINED))
-        elif i in added and added[i].get("special", False):
+    for i in range(n):
+        if i in added and added[i].get("special", False):
             types.append(int(TokenType.CONTROL))
         elif i in added:
             types.append(int(TokenType.USER_DEFINED))
@@ -177,7 +177,6 @@ def export_gguf(
     except ImportError:
         raise UserError("export gguf needs the gguf package: pip install gguf") from None
     from spongebob import checkpoint
-    from spongebob.tokenizer import CHAT_TEMPLATE
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -224,12 +223,13 @@ def export_gguf(
     w.add_token_merges(merges)
     w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(tok.eos_id)
-    w.add_eot_token_id(tok.eos_id)
-    w.add_unk_token_id(tok.token_to_id("<unk>"))
+    w.add_eot_token_id(tok.stop_ids[0])
+    if (unk := tok.token_to_id("<unk>")) is not None:
+        w.add_unk_token_id(unk)
     w.add_pad_token_id(tok.pad_id)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(tok.chat_template)
     for name, arr, raw in _weights(model, dtype):
         w.add_tensor(name, arr, raw_dtype=raw)
     try:
@@ -242,27 +242,43 @@ def export_gguf(
         tmp.unlink(missing_ok=True)
         raise
     if modelfile:
-        (out.parent / "Modelfile").write_text(ollama_modelfile(out.name), encoding="utf-8")
+        stops = [tok.id_to_token(i) for i in tok.stop_ids]
+        text = ollama_modelfile(out.name, tok.template, stops)
+        (out.parent / "Modelfile").write_text(text, encoding="utf-8")
     return out
 
 
-def ollama_modelfile(gguf_file: str) -> str:
-    """Ollama's Modelfile for our template (contracts.md §2): each turn `<s>ROLE\\nTEXT</s>\\n`,
-    the default system prompt when the chat has none, generation after `<s>assistant\\n`, and
-    `</s>` as the stop."""
+# Ollama's Go templates for each family (contracts.md §2). minimind2: each turn
+# `<s>ROLE\nTEXT</s>\n`, the default system prompt when the chat has none (Ollama adds SYSTEM as
+# the first message), generation after `<s>assistant\n`. chatml: `<|im_start|>ROLE\nTEXT
+# <|im_end|>\n`, tool results as a user turn of `<tool_response>` blocks, generation after
+# `<|im_start|>assistant\n` (the model writes its own `<think>` block).
+_OLLAMA_TEMPLATES = {
+    "minimind2": (
+        "{{- range .Messages }}<s>{{ .Role }}\n{{ .Content }}</s>\n{{ end }}<s>assistant\n"
+    ),
+    "chatml": (
+        "{{- range .Messages }}"
+        '{{ if eq .Role "tool" }}<|im_start|>user\n<tool_response>\n{{ .Content }}\n'
+        "</tool_response><|im_end|>\n"
+        "{{ else }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+        "{{- end }}<|im_start|>assistant\n"
+    ),
+}
+
+
+def ollama_modelfile(gguf_file: str, family: str, stops: list[str]) -> str:
+    """Ollama's Modelfile: the GGUF, the family's template, its stop tokens and sampling."""
     from spongebob.data import DEFAULT_SYSTEM
 
-    return f'''# Ollama: ollama create spongebob -f Modelfile && ollama run spongebob
-FROM ./{gguf_file}
-SYSTEM """{DEFAULT_SYSTEM}"""
-TEMPLATE """{{{{- range .Messages }}}}<s>{{{{ .Role }}}}
-{{{{ .Content }}}}</s>
-{{{{ end }}}}<s>assistant
-"""
-PARAMETER stop "</s>"
-PARAMETER temperature 0.85
-PARAMETER top_p 0.85
-'''
+    lines = ["# Ollama: ollama create spongebob -f Modelfile && ollama run spongebob"]
+    lines.append(f"FROM ./{gguf_file}")
+    if family == "minimind2":
+        lines.append(f'SYSTEM """{DEFAULT_SYSTEM}"""')
+    lines.append(f'TEMPLATE """{_OLLAMA_TEMPLATES[family]}"""')
+    lines += [f'PARAMETER stop "{t}"' for t in stops]
+    lines += ["PARAMETER temperature 0.85", "PARAMETER top_p 0.85", ""]
+    return "\n".join(lines)
 
 
 def add_command(esub) -> None:
