@@ -142,3 +142,33 @@ def test_export_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
     )
     assert res.returncode == 1
     assert res.stderr.strip().count("\n") == 0 and "no such" in res.stderr
+
+
+def test_a_chatml_checkpoint_exports_its_family_template_specials_and_stops(
+    tmp_path, chatml_tok_dir, chatml_tok
+):
+    """The HF folder of a chatml-family checkpoint formats chats (tools, tool calls, tool
+    results, reasoning) as ours does, and generation stops at `<|im_end|>` or `<|endoftext|>`."""
+    from test_generate import make_checkpoint
+
+    vocab = chatml_tok.vocab_size
+    ckpt = make_checkpoint(tmp_path / "ckpt", chatml_tok_dir, seed=3, vocab_size=vocab)
+    out = export_hf(ckpt, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    tools = [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]
+    msgs = [
+        {"role": "user", "content": "12*3?"},
+        {"role": "assistant", "content": "", "reasoning_content": "use the tool",
+         "tool_calls": [{"type": "function",
+                         "function": {"name": "calc", "arguments": {"expr": "12*3"}}}]},
+        {"role": "tool", "content": "36"},
+        {"role": "assistant", "content": "36", "reasoning_content": "done"},
+        {"role": "user", "content": "谢谢"},
+    ]  # fmt: skip
+    rendered = hf_tok.apply_chat_template(
+        msgs, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == chatml_tok.render(msgs, add_generation_prompt=True, tools=tools)
+    assert hf_tok.eos_token == "<|im_end|>" and hf_tok.pad_token == "<|endoftext|>"
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == list(chatml_tok.stop_ids) and len(gen["eos_token_id"]) == 2

@@ -7,9 +7,10 @@ GQA, no biases, tied embeddings), so export is a rename plus the files `transfor
   transformers 4, and in `rope_parameters`, read by 5);
 * `model.safetensors` — the weights under LLaMA names; the tied output layer is not stored
   (safetensors refuses shared tensors; `tie_word_embeddings` restores it on load);
-* `generation_config.json` — bos/eos/pad, so `generate` stops at `</s>`;
-* `tokenizer.json`, `tokenizer_config.json` with the chat template (added if the checkpoint's
-  tokenizer config lacks one, e.g. MiniMind's), `special_tokens_map.json`;
+* `generation_config.json` — bos/eos/pad, so `generate` stops at the family's stop tokens;
+* `tokenizer.json`, `tokenizer_config.json` with the template family's chat template and
+  specials (added if the checkpoint's tokenizer config lacks them, e.g. MiniMind2's),
+  `special_tokens_map.json`;
 * `README.md` — how to load it.
 
 From there llama.cpp's `convert_hf_to_gguf.py` or vLLM take it like any LLaMA.
@@ -55,12 +56,11 @@ def hf_config(model_config, tok, dtype: str = "float32") -> dict:
     return cfg
 
 
-def tokenizer_config(tok_dir: Path) -> dict:
+def tokenizer_config(tok) -> dict:
     """The checkpoint's tokenizer_config.json, completed so `AutoTokenizer` and
-    `apply_chat_template` work: class, specials and our chat template."""
-    from spongebob.tokenizer import CHAT_TEMPLATE
-
-    path = tok_dir / "tokenizer_config.json"
+    `apply_chat_template` work: class, the template family's specials and Jinja template
+    (contracts.md §2; a MiniMind folder without one gets ours)."""
+    path = Path(tok.path).parent / "tokenizer_config.json"
     cfg: dict = {}
     if path.is_file():
         try:
@@ -69,17 +69,17 @@ def tokenizer_config(tok_dir: Path) -> dict:
             raise UserError(f"{path}: unreadable ({e})") from None
     cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     for key, token in (
-        ("bos_token", "<s>"),
-        ("eos_token", "</s>"),
-        ("pad_token", "<unk>"),
-        ("unk_token", "<unk>"),
+        ("bos_token", tok.bos_token),
+        ("eos_token", tok.eos_token),
+        ("pad_token", tok.pad_token),
+        ("unk_token", tok.pad_token),
     ):
         cfg.setdefault(key, token)
     cfg.setdefault("add_bos_token", False)
     cfg.setdefault("add_eos_token", False)
     cfg.setdefault("clean_up_tokenization_spaces", False)
     cfg.setdefault("model_max_length", 32768)
-    cfg["chat_template"] = cfg.get("chat_template") or CHAT_TEMPLATE
+    cfg["chat_template"] = cfg.get("chat_template") or tok.chat_template
     return cfg
 
 
@@ -159,7 +159,7 @@ def _write_model(tmp: Path, loaded, dtype: str) -> None:
         tmp / "generation_config.json",
         {
             "bos_token_id": tok.bos_id,
-            "eos_token_id": tok.eos_id,
+            "eos_token_id": stops[0] if len(stops := list(tok.stop_ids)) == 1 else stops,
             "pad_token_id": tok.pad_id,
             "do_sample": True,
             "temperature": 0.85,
@@ -186,7 +186,7 @@ def _write_adapter(tmp: Path, loaded, dtype: str, base: str) -> None:
 
 def _write_tokenizer(tmp: Path, tok) -> None:
     shutil.copyfile(tok.path, tmp / "tokenizer.json")
-    tcfg = tokenizer_config(Path(tok.path).parent)
+    tcfg = tokenizer_config(tok)
     _write_json(tmp / "tokenizer_config.json", tcfg)
     _write_json(
         tmp / "special_tokens_map.json",
