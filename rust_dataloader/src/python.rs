@@ -250,7 +250,8 @@ impl ChatTokenizer {
     fn path(&self) -> PathBuf {
         self.core.path().to_owned()
     }
-    /// `{tag: [ids]}` for the four reasoning tags (one id each with our tokenizer).
+    /// `{tag: [ids]}` for the four minimind2 reasoning tags (one id each with our tokenizer;
+    /// a chatml tokenizer has `<think>` and `</think>`, the answer tags are plain sequences).
     #[getter]
     fn tag_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -265,8 +266,9 @@ fn to_i32(ids: Vec<u32>) -> Vec<i32> {
     ids.into_iter().map(|i| i as i32).collect()
 }
 
-/// Streams the texts of jsonl files (pretrain `text`, or every message `content` of chat
-/// lines) in lists of up to `chunk` strings — the feed for tokenizer training.
+/// Streams the texts of jsonl files (pretrain `text`, or every message `content`, reasoning and
+/// tool-call arguments and the tool schemas of chat lines) in lists of up to `chunk` strings —
+/// the feed for tokenizer training.
 #[pyclass(module = "spongebob._rust")]
 pub struct TextStream {
     texts: Texts,
