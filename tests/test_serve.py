@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import openai
 import pytest
@@ -18,7 +19,15 @@ import torch
 
 from spongebob import checkpoint
 from spongebob.generate import Generator, SamplingConfig, parse_reasoning
-from spongebob.serve import Engine, ReasoningSplitter, make_server, split_reply
+from spongebob.serve import (
+    Engine,
+    Job,
+    ReasoningSplitter,
+    ToolCallHolder,
+    make_server,
+    shape_message,
+    split_reply,
+)
 from test_generate import Scripted, make_checkpoint
 
 MSGS = [{"role": "user", "content": "你好，你是谁？"}]
@@ -230,6 +239,32 @@ def test_a_reply_not_starting_with_think_passes_through_unchanged(reply):
         parts += sp.flush()
         assert {k for k, _ in parts} <= {"content"}
         assert "".join(t for _, t in parts) == reply
+
+
+TOOL_REPLIES = [
+    'ok.\n<tool_call>\n{"name": "calc", "arguments": {"expr": "1+2"}}\n</tool_call>',
+    '<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b"}</tool_call>',
+    "no call here <tool_c but a near miss  ",
+    "<tool_call>not json</tool_call>",  # malformed: passed back as text
+    "text  \n\n",
+]
+
+
+@pytest.mark.parametrize("reply", TOOL_REPLIES)
+def test_streamed_tool_calls_equal_the_whole_reply_for_every_chunking(reply):
+    job = Job(prompts=[[1]], n=1, max_tokens=1, temperature=0, top_p=1, seed=None, stop=[],
+              deadline=0.0, tools=True)  # fmt: skip
+    msg, reason = shape_message(reply, job, split=False)
+    want_calls = [
+        (c["function"]["name"], c["function"]["arguments"]) for c in msg.get("tool_calls", [])
+    ]
+    for size in (1, 2, 3, 7, len(reply) or 1):
+        h = ToolCallHolder()
+        text = "".join(h.feed(reply[i : i + size]) for i in range(0, len(reply), size))
+        rest, calls = h.finish()
+        assert text + rest == (msg["content"] or ""), size
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == want_calls
+    assert (reason == "tool_calls") == bool(want_calls)
 
 
 class Reasoner(Scripted):
@@ -521,3 +556,108 @@ def test_cli_serve_flags_parse():
         "auto",
         None,
     )
+
+
+# --- chatml: thinking, tools, tool calls ----------------------------------------------------
+
+CALC_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "calc",
+        "description": "evaluate an arithmetic expression",
+        "parameters": {"type": "object", "properties": {"expr": {"type": "string"}}},
+    },
+}
+
+
+class Recorder(Reasoner):
+    """Reasoner that also keeps every prompt it was given."""
+
+    prompts: list
+
+    def forward(self, input_ids, **kw):
+        if input_ids.shape[1] > 1:
+            self.prompts.append(input_ids[0].tolist())
+        return super().forward(input_ids, **kw)
+
+
+@pytest.fixture(scope="module")
+def chatml_tool_client(chatml_tok):
+    """A chatml-family engine whose scripted model thinks (the prompt opened `<think>`), then
+    calls `calc`, ending at `<|im_end|>`."""
+    t = chatml_tok
+    think = "需要计算。"
+    call = '\n<tool_call>\n{"name": "calc", "arguments": {"expr": "12*3"}}\n</tool_call>'
+    script = [
+        *map(int, t.encode(think + "\n")),
+        t.token_to_id("</think>"),
+        *map(int, t.encode("\n\n好的。")),
+        *map(int, t.encode(call)),
+        t.token_to_id("<|im_end|>"),
+        5,
+    ]
+    model = Recorder(script, t.vocab_size)
+    model.prompts = []
+    model.config = replace(model.config, max_seq_len=2048)  # room for the tools block
+    e = Engine(model, t)
+    with serving(e) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0), model, think
+    e.close()
+
+
+def test_chatml_tool_calls_reach_the_openai_client_stream_or_not(chatml_tool_client, chatml_tok):
+    client, model, think = chatml_tool_client
+    msgs = [{"role": "user", "content": "12*3 等于多少？"}]
+    kw = dict(model="m", messages=msgs, tools=[CALC_TOOL], temperature=0, max_tokens=200,
+              extra_body={"chat_template_kwargs": {"enable_thinking": True}})  # fmt: skip
+    choice = client.chat.completions.create(**kw).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.reasoning_content == think and choice.message.content == "好的。"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "calc"
+    assert json.loads(call.function.arguments) == {"expr": "12*3"} and call.id.startswith("call_")
+    # The prompt was the template's, with the tools block and an open think block.
+    want = chatml_tok.encode_prompt(msgs, tools=[CALC_TOOL], thinking=True)
+    assert model.prompts[-1] == [int(i) for i in want]
+
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(
+        getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices
+    )
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert text == "好的。" and reasoning == think and "<tool_call>" not in text
+    assert len(calls) == 1 and calls[0].function.name == "calc" and calls[0].index == 0
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # The call and its result go back as history; the next prompt renders them as the template.
+    history = [
+        *msgs,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "36"},
+    ]
+    client.chat.completions.create(**{**kw, "messages": history})
+    rendered = chatml_tok.render(
+        [*msgs, {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+         {"role": "tool", "content": "36"}],
+        add_generation_prompt=True, tools=[CALC_TOOL], thinking=True,
+    )  # fmt: skip
+    assert "<tool_response>\n36\n</tool_response>" in rendered
+    assert model.prompts[-1] == [int(i) for i in chatml_tok.encode(rendered, allow_special=True)]
+
+
+def test_tools_on_a_template_without_tools_and_bad_tool_fields_are_400(base):
+    def post(body):
+        return raw(base, "POST", "/v1/chat/completions", body)
+
+    ok = {"model": "m", "messages": MSGS, "max_tokens": 2}
+    status, body = post({**ok, "tools": [CALC_TOOL]})  # the minimind2 family has no tools
+    assert status == 400 and "tools" in body["error"]["message"]
+    status, body = post({**ok, "tools": "calc"})
+    assert status == 400 and body["error"]["param"] == "tools"
+    status, body = post({**ok, "chat_template_kwargs": {"enable_thinking": "yes"}})
+    assert status == 400 and body["error"]["param"] == "chat_template_kwargs"
+    bad_calls = [*MSGS, {"role": "assistant", "content": None, "tool_calls": "f"}]
+    status, body = post({**ok, "messages": bad_calls})
+    assert status == 400 and "tool_calls" in body["error"]["message"]
+    assert post(ok)[0] == 200  # still serving

@@ -7,7 +7,10 @@ Endpoints (OpenAI's wire format):
   `data: [DONE]`) or not; `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`),
   `stop` (a string or up to 4), `seed`, `n`, `stream_options.include_usage`. A reasoning reply's
   `<think>` part goes to `reasoning_content` and its answer to `content`, unless the request
-  says `"reasoning_format": "inline"` (or the server runs with `--reasoning-format inline`);
+  says `"reasoning_format": "inline"` (or the server runs with `--reasoning-format inline`).
+  A chatml-family model (contracts.md §2) also takes `tools`, assistant `tool_calls`, `tool`
+  messages and `chat_template_kwargs.enable_thinking`; the `<tool_call>` blocks of its reply
+  come back as OpenAI `tool_calls` with `finish_reason: "tool_calls"`;
 * `POST /v1/completions` — pretrain-mode text: `prompt` (a string or a list) continued after
   `<s>`;
 * `GET /` — the web chat page; `GET /health`.
@@ -15,7 +18,8 @@ Endpoints (OpenAI's wire format):
 One scheduler thread owns the model. Requests are queued (at most `--max-queue` waiting, else
 429); each turn the scheduler takes the oldest request and every queued one it can decode with
 it (same sampling settings, the context fits, at most `--max-batch` rows) and runs them as one
-left-padded batch through `Generator.iter_tokens`. Each row ends on its own: `</s>`, its own
+left-padded batch through `Generator.iter_tokens`. Each row ends on its own: a stop token of the
+tokenizer's family (`</s>`; `<|im_end|>`, `<|endoftext|>`), its own
 `max_tokens`, a stop string, its client gone (the handler notices a closed socket) or its
 `--timeout`; the batch ends when every row has. Handler threads only parse, validate, wait for
 their request's events and write them out. Bad requests get a 4xx and OpenAI's error JSON
@@ -41,9 +45,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
 from spongebob.errors import UserError
-from spongebob.generate import TAGS, SamplingConfig, StreamDecoder, parse_reasoning
+from spongebob.generate import (
+    TAGS,
+    TOOL_CALL,
+    SamplingConfig,
+    StreamDecoder,
+    ToolCallError,
+    parse_reasoning,
+    parse_tool_calls,
+)
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 MAX_BODY = 4 << 20
 MAX_STOP = 4
 POLL_S = 0.1
@@ -95,10 +113,12 @@ class ReasoningSplitter:
     `split_reply` gives). Any other reply passes through unchanged, as content. Text that may
     be the start of a tag is held back until it is known."""
 
-    def __init__(self) -> None:
+    def __init__(self, opened: bool = False) -> None:
+        """`opened`: the prompt itself ended in `<think>` (chatml with thinking on), so the
+        reply starts inside the reasoning block."""
         self.buf = ""
-        self.kind: str | None = None  # None until known: "split" or "plain"
-        self.mode = "content"
+        self.kind: str | None = "split" if opened else None  # None until known: split/plain
+        self.mode = "reasoning" if opened else "content"
         self.pending = ""  # trailing whitespace, emitted only if more text follows in the mode
         self.started = False  # has the current block emitted text yet
 
@@ -158,13 +178,86 @@ class ReasoningSplitter:
             out.append((self.mode, piece))
 
 
-def split_reply(text: str) -> tuple[str | None, str]:
+def split_reply(
+    text: str, template: str = "minimind2", opened: bool = False
+) -> tuple[str | None, str]:
     """(reasoning_content, content) of a whole reply; (None, text) unless it starts with
-    `<think>`."""
+    `<think>` or, `opened`, its prompt did (chatml with thinking on)."""
+    if opened:
+        text = TAGS[0] + text
     if not text.lstrip().startswith(TAGS[0]):
         return None, text
-    r = parse_reasoning(text)
+    r = parse_reasoning(text, template)
     return r.think, r.answer
+
+
+class ToolCallHolder:
+    """Passes streamed content through until a `<tool_call>` starts; from there holds it,
+    so the calls can be sent as OpenAI `tool_calls` once the reply is complete."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.calling = False
+
+    def feed(self, text: str) -> str:
+        if self.calling:
+            self.held += text
+            return ""
+        buf = self.held + text
+        at = buf.find(TOOL_CALL)
+        if at >= 0:
+            self.calling, self.held = True, buf[at:]
+            return buf[:at].rstrip()  # the whitespace before a call is not content
+        # Hold what may be the start of a call: a prefix of the tag, and whitespace before it.
+        keep = next((k for k in range(len(TOOL_CALL) - 1, 0, -1) if buf.endswith(TOOL_CALL[:k])), 0)
+        cut = len(buf[: len(buf) - keep].rstrip())
+        self.held = buf[cut:]
+        return buf[:cut]
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """(content still to send, tool calls in OpenAI's shape); a malformed call block is
+        sent back as content (the model's text, not the request's fault)."""
+        held, self.held = self.held, ""
+        if not self.calling:
+            return held, []
+        try:
+            parsed = parse_tool_calls(held)
+        except ToolCallError:
+            return held, []
+        return parsed.content, openai_tool_calls(parsed.calls)
+
+
+def openai_tool_calls(calls) -> list[dict]:
+    return [
+        {
+            "id": "call_" + uuid.uuid4().hex[:24],
+            "type": "function",
+            "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)},
+        }
+        for c in calls
+    ]
+
+
+def shape_message(text: str, job: Job, split: bool) -> tuple[dict, str | None]:
+    """The assistant message of a whole reply and, when it called tools, "tool_calls" as its
+    finish reason."""
+    content: str | None = text
+    msg: dict = {"role": "assistant"}
+    if split:
+        think, answer = split_reply(text, job.template, job.opened)
+        if think is not None:
+            content, msg["reasoning_content"] = answer, think
+    reason = None
+    if job.tools and content and TOOL_CALL in content:
+        try:
+            parsed = parse_tool_calls(content)
+        except ToolCallError:
+            parsed = None
+        if parsed is not None and parsed.calls:
+            content, reason = parsed.content or None, "tool_calls"
+            msg["tool_calls"] = openai_tool_calls(parsed.calls)
+    msg["content"] = content
+    return msg, reason
 
 
 # --- the scheduler --------------------------------------------------------------------------
@@ -184,6 +277,9 @@ class Job:
     seed: int | None
     stop: list[str]
     deadline: float
+    tools: bool = False  # the request offered tools: parse <tool_call> blocks of replies
+    template: str = "minimind2"  # the tokenizer's family (how replies are split)
+    opened: bool = False  # the prompt ended inside a <think> block
     id: int = field(default_factory=lambda: next(_ids))
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -356,7 +452,7 @@ class Engine:
             stop_ids=[],  # every row's end is decided here, so rows end on their own
         )
         self.batches.append(len(rows))
-        eos = self.tok.eos_id
+        stops = {int(i) for i in self.tok.stop_ids}  # the family's end-of-turn tokens
 
         def finish(row: Row, reason: str) -> None:
             if reason in ("stop", "length"):
@@ -389,7 +485,7 @@ class Engine:
             row = rows[i]
             if not check(row):
                 continue
-            if tid == eos:
+            if tid in stops:
                 finish(row, "stop")
                 continue
             row.tokens += 1
@@ -550,15 +646,41 @@ class Api:
             role = m.get("role")
             if role not in ROLES:
                 raise bad(f"{where}: unknown role {role!r}", "messages")
-            clean.append({"role": ROLES[role], "content": _text(m.get("content"), where)})
+            msg: dict = {"role": ROLES[role]}
+            calls = m.get("tool_calls") if role == "assistant" else None
+            content = m.get("content")
+            msg["content"] = "" if content is None and calls else _text(content, where)
+            if calls is not None:
+                if not isinstance(calls, list):
+                    raise bad(f"{where}: 'tool_calls' must be a list", "messages", "invalid_type")
+                msg["tool_calls"] = calls  # its fields are checked by the template (Rust)
+            if role == "assistant" and isinstance(m.get("reasoning_content"), str):
+                msg["reasoning_content"] = m["reasoning_content"]
+            clean.append(msg)
+        tools = body.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise bad("'tools' must be a list", "tools", "invalid_type")
+        kwargs = body.get("chat_template_kwargs") or {}
+        thinking = kwargs.get("enable_thinking", False) if isinstance(kwargs, dict) else None
+        if not isinstance(thinking, bool):
+            raise bad(
+                "'chat_template_kwargs' must be an object whose 'enable_thinking' is a boolean",
+                "chat_template_kwargs",
+                "invalid_type",
+            )
         fmt = body.get("reasoning_format", self.reasoning_format)
         if fmt not in ("split", "inline"):
             raise bad("'reasoning_format' must be 'split' or 'inline'", "reasoning_format")
+        tok = self.engine.tok
         try:
-            ids = [int(i) for i in self.engine.tok.encode_prompt(clean)]
+            ids = [int(i) for i in tok.encode_prompt(clean, tools=tools or None, thinking=thinking)]
         except ValueError as e:
-            raise bad(f"messages: {e}", "messages") from None
-        return self._common(body, [ids]), fmt == "split"
+            raise bad(f"messages: {e}", "tools" if "tool" in str(e) else "messages") from None
+        job = self._common(body, [ids])
+        job.tools = bool(tools)
+        job.template = tok.template
+        job.opened = tok.template == "chatml" and thinking
+        return job, fmt == "split"
 
     def completion_job(self, body: dict) -> Job:
         prompt = body.get("prompt")
@@ -772,13 +894,14 @@ class Handler(BaseHTTPRequestHandler):
         for i in range(job.rows):
             reason = ends[i][0]
             if chat:
-                msg: dict = {"role": "assistant", "content": texts[i]}
-                if split:
-                    think, answer = split_reply(texts[i])
-                    if think is not None:
-                        msg = {"role": "assistant", "content": answer, "reasoning_content": think}
+                msg, called = shape_message(texts[i], job, split)
                 choices.append(
-                    {"index": i, "message": msg, "logprobs": None, "finish_reason": reason}
+                    {
+                        "index": i,
+                        "message": msg,
+                        "logprobs": None,
+                        "finish_reason": called or reason,
+                    }
                 )
             else:
                 choices.append(
@@ -835,17 +958,31 @@ class Handler(BaseHTTPRequestHandler):
                 "choices": [choice],
             }
 
-        splitters = [ReasoningSplitter() if split else None for _ in range(job.rows)]
+        splitters = [ReasoningSplitter(job.opened) if split else None for _ in range(job.rows)]
+        holders = [ToolCallHolder() if job.tools else None for _ in range(job.rows)]
 
-        def pieces(i: int, text: str, final: bool = False) -> None:
-            sp = splitters[i]
+        def pieces(i: int, text: str, final: bool = False) -> str | None:
+            """Send a row's new text; at its end, its tool calls (returns "tool_calls" then)."""
+            sp, holder = splitters[i], holders[i]
             parts = ([] if not text else sp.feed(text)) if sp else [("content", text)]
             if sp and final:
                 parts += sp.flush()
             for field_, t in parts:
+                if field_ == "content" and holder:
+                    t = holder.feed(t)
                 if t:
                     key = "reasoning_content" if field_ == "reasoning" else "content"
                     send(chunk(i, {key: t}) if chat else chunk(i, text=t))
+            if not (final and holder):
+                return None
+            rest, calls = holder.finish()
+            if rest:
+                send(chunk(i, {"content": rest}))
+            if not calls:
+                return None
+            deltas = [{"index": k, **c} for k, c in enumerate(calls)]
+            send(chunk(i, {"tool_calls": deltas}))
+            return "tool_calls"
 
         if chat:
             for i in range(job.rows):
@@ -855,8 +992,8 @@ class Handler(BaseHTTPRequestHandler):
             if kind == "delta":
                 pieces(i, value)
             elif kind == "done":
-                pieces(i, "", final=True)
-                send(chunk(i, reason=value[0]))
+                called = pieces(i, "", final=True)
+                send(chunk(i, reason=called or value[0]))
                 completion += value[1]
                 ended += 1
             elif kind in ("timeout", "error"):
