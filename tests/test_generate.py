@@ -19,6 +19,8 @@ from spongebob.generate import (
     StreamDecoder,
     apply_repetition_penalty,
     filter_logits,
+    next_tokens,
+    top_candidates,
 )
 from spongebob.model import ModelConfig, SpongeBob
 
@@ -164,6 +166,44 @@ def test_top_k_and_top_p_filters_keep_the_right_tokens():
     # top-p = p(best) + a bit: the two best survive, the others go.
     kept = torch.isfinite(filter_logits(logits, top_p=float(p[0]) + 0.01))
     assert kept.tolist() == [[True, False, True, False]]
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 5, 50])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5, 1e-6, 0.999999])
+def test_top_candidates_give_filter_logits_distribution(top_k, top_p):
+    """The fast candidate set (top-k by `topk`, growing k for top-p) gives exactly the
+    distribution of the reference `filter_logits` + softmax, on flat and peaked rows. On a row
+    of exact ties the reference's top-k keeps every token tied with the k-th; ours keeps k."""
+    g = torch.Generator().manual_seed(top_k * 100 + int(top_p * 1000))
+    V = 6400
+    logits = torch.cat(
+        [
+            torch.randn(3, V, generator=g) * 0.1,  # flat: top-p needs thousands of tokens
+            torch.randn(3, V, generator=g) * 4.0,  # peaked
+            torch.full((1, V), 2.0),  # all tied
+        ]
+    )
+    ref = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+    w, ids = top_candidates(torch.softmax(logits, -1), top_k, top_p)
+    got = w if ids is None else torch.zeros_like(ref).scatter(-1, ids, w)
+    got = got / got.sum(-1, keepdim=True)
+    n = top_k or V  # tied row: top-p over n equal tokens, any n of them
+    want = torch.isfinite(filter_logits(torch.full((1, n), 2.0), 0, top_p)).sum()
+    assert int((got[-1] > 0).sum()) == int(want)
+    torch.testing.assert_close(got[:-1], ref[:-1], rtol=1e-5, atol=1e-7)
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    """Inverse-CDF draws: each kept token's frequency within 4 standard errors of its
+    probability over 40,000 seeded draws; dropped tokens never drawn."""
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, -3.0, 0.0, 0.5]]).repeat(40_000, 1)
+    cfg = SamplingConfig(temperature=0.8, top_p=0.9, top_k=0)
+    toks = next_tokens(logits, cfg, generator=torch.Generator().manual_seed(0))
+    want = torch.softmax(filter_logits(logits[:1] / 0.8, 0, 0.9), -1)[0]
+    freq = torch.bincount(toks, minlength=8).double() / len(toks)
+    se = (want * (1 - want) / len(toks)).sqrt()
+    assert ((freq - want).abs() <= 4 * se + 1e-12).all(), (freq, want)
+    assert (freq[want == 0] == 0).all() and (want == 0).any()
 
 
 def test_empty_prompt_and_out_of_vocab_ids_are_user_errors():

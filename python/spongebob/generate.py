@@ -105,13 +105,49 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return out
 
 
+def top_candidates(
+    probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens sampling may pick and their weights (unnormalised), without sorting the
+    vocabulary: `(weights [B, K], ids [B, K])`, most likely first, or `(probs, None)` when every
+    token may be picked. The same set and weights as `filter_logits` (the reference; a test
+    checks them equal), up to the order of exactly tied probabilities.
+
+    Top-p takes the k most likely tokens (k = 64, ×4 until every row's top-k mass reaches
+    top-p) and keeps those whose more likely tokens hold less than top-p; top-k, as in
+    `filter_logits`, comes first and renormalises before top-p."""
+    import torch
+
+    V = probs.shape[-1]
+    cap = top_k if 0 < top_k < V else V
+    if top_p >= 1.0 and cap == V:
+        return probs, None
+    k = cap if (top_k or top_p >= 1.0) else min(64, V)
+    while True:
+        vals, ids = torch.topk(probs, k, dim=-1)  # sorted, most likely first
+        if top_k:
+            vals = vals / vals.sum(-1, keepdim=True)
+        cum = vals.cumsum(-1)
+        if top_p >= 1.0 or k == cap or bool((cum[:, -1] >= top_p).all()):
+            break
+        k = min(4 * k, cap)
+    if top_p < 1.0:
+        vals = vals.masked_fill(cum - vals >= top_p, 0.0)  # the first always stays
+    return vals, ids
+
+
 def next_tokens(
     logits: torch.Tensor,
     cfg: SamplingConfig,
     seen: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token per row from logits [B, V]: penalty, then greedy or temperature/top-k/top-p."""
+    """One token per row from logits [B, V]: penalty, then greedy or temperature/top-k/top-p.
+
+    Sampling draws by inverse CDF over `top_candidates`: one uniform number per row, found in
+    the running sum of the weights. That is the distribution `torch.multinomial` draws from
+    after `filter_logits`, without the full-vocabulary sort and multinomial's per-token
+    exponential draws, which took most of a small model's decoding step."""
     import torch
 
     logits = logits.float()
@@ -119,9 +155,14 @@ def next_tokens(
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    weights, ids = top_candidates(probs, cfg.top_k, cfg.top_p)
+    cum = weights.cumsum(-1)
+    u = torch.rand(cum.shape[0], 1, generator=generator, device=cum.device) * cum[:, -1:]
+    j = torch.searchsorted(cum, u, right=True).clamp_max(cum.shape[-1] - 1)
+    # Rounding can put u on the very end of the sum; never return a token of weight 0.
+    j = torch.where(weights.gather(-1, j) > 0, j, weights.argmax(-1, keepdim=True))
+    return (j if ids is None else ids.gather(-1, j)).squeeze(-1)
 
 
 # --- streaming decode ----------------------------------------------------------------------
@@ -217,7 +258,7 @@ class Generator:
         """
         import torch
 
-        from spongebob.model import KVCache
+        from spongebob.model import KVCache, SpongeBob
 
         cfg = cfg or SamplingConfig()
         cfg.check()
@@ -264,7 +305,13 @@ class Generator:
         finish = ["length"] * B
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         with torch.inference_mode():
-            logits = self.model(ids, position_ids=pos, kv_cache=cache, attn_mask=mask)[:, -1]
+            if isinstance(self.model, SpongeBob):  # the output layer at the last position only
+                last = torch.zeros(B, L, dtype=torch.bool, device=dev)
+                last[:, -1] = True
+                kw = {"logits_mask": last}
+                logits = self.model(ids, position_ids=pos, kv_cache=cache, attn_mask=mask, **kw)
+            else:
+                logits = self.model(ids, position_ids=pos, kv_cache=cache, attn_mask=mask)[:, -1]
         next_pos = lengths.clone()
         for step in range(max_new):
             tok = next_tokens(logits, cfg, seen, gen)
