@@ -26,8 +26,9 @@ pub use crate::template::DEFAULT_SYSTEM;
 use crate::template::{self, chatml_pieces, EmptyThink, Family, Piece, Template};
 
 /// Bumped whenever the minimind2 rendering or masking changes; part of the token cache key
-/// (the chatml family adds its own version, `template::CHATML_VERSION`).
-pub const TEMPLATE_VERSION: u32 = 1;
+/// (the chatml family adds its own version, `template::CHATML_VERSION`). 2: an assistant's
+/// `reasoning_content` is rendered, so caches of files that have it are rebuilt.
+pub const TEMPLATE_VERSION: u32 = 2;
 
 /// The reasoning tags recognised inside assistant content (contracts.md §2).
 pub const REASONING_TAGS: [&str; 4] = ["<think>", "</think>", "<answer>", "</answer>"];
