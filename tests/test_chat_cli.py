@@ -234,7 +234,7 @@ def test_session_keeps_the_last_n_exchanges_and_only_answers_in_reason_mode(chat
 
     r = ChatSession(chat_tok, "reason", history=4)
     r.record("q", "<think>\nhmm\n</think>\n<answer>\n42\n</answer>")
-    assert r.turns == [("q", "42")]
+    assert r.turns == [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "42"}]]
 
     p = ChatSession(chat_tok, "pretrain", history=4)
     ids = p.prompt_ids("从前")

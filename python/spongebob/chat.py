@@ -6,7 +6,12 @@ Three modes, the tutorial's `--model_mode 0/1/2`:
 * chat — the chat template with the last `--history N` exchanges and an optional `--system`;
   prompt ids come from the Rust `ChatTokenizer` (one source of truth for the template);
 * reason — chat, with the reply's `<think>` part shown apart from its `<answer>`. Only the
-  answer goes back into the history, as reasoning models are usually run.
+  answer goes back into the history, as reasoning models are usually run. A chatml-family
+  model (contracts.md §2) is prompted with its think block open.
+
+`--tools calc` (chatml family) offers the built-in calculator (spongebob/tools.py): a reply's
+`<tool_call>` is run, its result goes back as a `tool` message, and the model continues, up to
+`MAX_TOOL_ROUNDS` calls per turn.
 
 Interactive when stdin is a terminal and no `--prompt`/`--prompts-file` is given: `/reset`
 clears the history, `/exit` or Ctrl-D quits, Ctrl-C stops a reply. Otherwise non-interactive:
@@ -23,14 +28,23 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from spongebob import tools as builtin_tools
 from spongebob.errors import UserError
-from spongebob.generate import TAGS, SamplingConfig, parse_reasoning
+from spongebob.generate import (
+    TAGS,
+    SamplingConfig,
+    ToolCallError,
+    parse_reasoning,
+    parse_tool_calls,
+)
 
 MODES = ("pretrain", "chat", "reason")
 USER_PROMPT = "你> "
 BOT_PREFIX = "SpongeBob> "
 THINK_LABEL = "[思考] "
 ANSWER_LABEL = "[回答] "
+TOOL_LABEL = "[工具] "
+MAX_TOOL_ROUNDS = 4
 
 
 class ReasonView:
@@ -39,15 +53,23 @@ class ReasonView:
     dropped. Text that might be the start of a tag (a tokenizer without tag tokens emits `<`,
     `think`, `>` separately) is held back until it is known."""
 
-    def __init__(self) -> None:
+    def __init__(self, opened: bool = False, answer_after_think: bool = False) -> None:
+        """`opened`: the prompt ended inside the think block (chatml), so the reply starts
+        with its reasoning; `answer_after_think`: what follows `</think>` is the answer
+        (chatml has no answer tags)."""
         self.buf = ""
         self.pending_nl = 0  # trailing newlines held until more text follows
         self.after_tag = False
         self.line_start = True
+        self.opened = opened
+        self.answer_after_think = answer_after_think
 
     def feed(self, text: str) -> str:
         self.buf += text
         out = []
+        if self.opened:
+            self.opened = False
+            out.append(self._tag(TAGS[0]))
         while self.buf:
             lt = self.buf.find("<")
             if lt < 0:
@@ -83,6 +105,8 @@ class ReasonView:
         opening = {TAGS[0]: THINK_LABEL, TAGS[2]: ANSWER_LABEL}  # <think>, <answer>
         if tag in opening:
             return self._emit(("" if self.line_start else "\n") + opening[tag])
+        if tag == TAGS[1] and self.answer_after_think:
+            return self._emit("\n" + ANSWER_LABEL)  # chatml: the answer follows </think>
         return ""
 
     def _plain(self, s: str) -> str:
@@ -101,10 +125,16 @@ class ReasonView:
 
 
 class ChatSession:
-    """Turns user text into prompt ids for the mode, and keeps the conversation."""
+    """Turns user text into prompt ids for the mode, and keeps the conversation: the last
+    `history` exchanges, each the user's message, any tool calls and results, and the reply."""
 
     def __init__(
-        self, tokenizer, mode: str = "chat", history: int = 4, system: str | None = None
+        self,
+        tokenizer,
+        mode: str = "chat",
+        history: int = 4,
+        system: str | None = None,
+        tools: list[str] | None = None,
     ) -> None:
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r} (pretrain, chat, reason)")
@@ -114,46 +144,105 @@ class ChatSession:
         self.mode = mode
         self.history = history
         self.system = system
-        self.turns: list[tuple[str, str]] = []
+        self.tools = builtin_tools.pick(tools or [])
+        self.turns: list[list[dict]] = []
+
+    @property
+    def template(self) -> str:
+        return self.tok.template
+
+    @property
+    def opened(self) -> bool:
+        """Does the prompt open the think block (chatml in reason mode)?"""
+        return self.mode == "reason" and self.template == "chatml"
+
+    def check(self) -> None:
+        """Refuse what the tokenizer's template family cannot do."""
+        if self.tools and self.template != "chatml":
+            raise UserError(
+                f"--tools needs a chatml-family tokenizer; this one's template is {self.template}"
+            )
+        if self.tools and self.mode == "pretrain":
+            raise UserError("--tools works in chat and reason mode, not pretrain")
 
     def reset(self) -> None:
         self.turns.clear()
 
-    def messages(self, user: str) -> list[dict]:
+    def messages(self, user: str, pending: list[dict] | None = None) -> list[dict]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
-        for u, a in self.turns[-self.history :] if self.history else []:
-            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-        return [*msgs, {"role": "user", "content": user}]
+        for turn in self.turns[-self.history :] if self.history else []:
+            msgs += turn
+        return [*msgs, {"role": "user", "content": user}, *(pending or [])]
 
-    def prompt_ids(self, user: str) -> list[int]:
+    def prompt_ids(self, user: str, pending: list[dict] | None = None) -> list[int]:
         if not user.strip():
             raise UserError("empty prompt")
         if self.mode == "pretrain":
             return [self.tok.bos_id, *map(int, self.tok.encode(user))]
-        return [int(i) for i in self.tok.encode_prompt(self.messages(user))]
+        msgs = self.messages(user, pending)
+        ids = self.tok.encode_prompt(msgs, tools=self.tools or None, thinking=self.opened)
+        return [int(i) for i in ids]
 
-    def record(self, user: str, reply: str) -> None:
+    def answer(self, reply: str) -> str:
+        """What goes back into the history: the answer alone in reason mode."""
+        if self.mode != "reason":
+            return reply
+        return parse_reasoning(TAGS[0] + reply if self.opened else reply, self.template).answer
+
+    def record(self, user: str, reply: str, pending: list[dict] | None = None) -> None:
         if self.mode == "pretrain" or self.history == 0:
             return
-        if self.mode == "reason":
-            reply = parse_reasoning(reply).answer
-        self.turns.append((user, reply))
+        reply_msg = {"role": "assistant", "content": self.answer(reply)}
+        self.turns.append([{"role": "user", "content": user}, *(pending or []), reply_msg])
 
 
-def _pieces(stream: Iterator[str], mode: str) -> Iterator[str]:
-    view = ReasonView() if mode == "reason" else None
+def _pieces(stream: Iterator[str], session: ChatSession) -> Iterator[str]:
+    view = None
+    if session.mode == "reason":
+        view = ReasonView(session.opened, answer_after_think=session.template == "chatml")
     for piece in stream:
         yield view.feed(piece) if view else piece
     if view:
         yield view.flush()
 
 
+def _tool_calls(session: ChatSession, text: str):
+    """The calls of a reply (none when tools are off or the blocks are not valid calls)."""
+    if not session.tools:
+        return None
+    try:
+        parsed = parse_tool_calls(session.answer(text))
+    except ToolCallError:
+        return None
+    return parsed if parsed.calls else None
+
+
 def reply_to(
     session: ChatSession, generator, user: str, cfg: SamplingConfig, out=None
 ) -> tuple[str, str]:
-    """Generate the reply to `user`, streaming its display form to `out` when given;
-    record the turn. Returns (raw reply, finish reason)."""
-    ids = session.prompt_ids(user)
+    """Generate the reply to `user`, streaming its display form to `out` when given, running
+    the tools it calls and continuing after their results; record the turn. Returns (raw
+    final reply, finish reason)."""
+    pending: list[dict] = []  # this turn's tool calls and results
+    for _ in range(MAX_TOOL_ROUNDS + 1):
+        text, finish = _generate(session, generator, session.prompt_ids(user, pending), cfg, out)
+        parsed = _tool_calls(session, text) if finish == "stop" else None
+        if parsed is None or len(pending) >= 2 * MAX_TOOL_ROUNDS:
+            break
+        calls = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                 for c in parsed.calls]  # fmt: skip
+        pending.append({"role": "assistant", "content": parsed.content, "tool_calls": calls})
+        for c in parsed.calls:
+            result = builtin_tools.run(c.name, c.arguments)
+            pending.append({"role": "tool", "content": result})
+            if out is not None:
+                out.write(f"\n{TOOL_LABEL}{builtin_tools.describe(c.name, c.arguments, result)}\n")
+                out.flush()
+    session.record(user, text, pending)
+    return text, finish
+
+
+def _generate(session, generator, ids, cfg, out) -> tuple[str, str]:
     stream = generator.stream(ids, cfg)
     raw: list[str] = []
     result: list = []
@@ -168,13 +257,11 @@ def reply_to(
             raw.append(piece)
             yield piece
 
-    for piece in _pieces(tee(), session.mode):
+    for piece in _pieces(tee(), session):
         if piece and out is not None:
             out.write(piece)
             out.flush()
-    text = "".join(raw)
-    session.record(user, text)
-    return text, result[0].finish if result else "interrupted"
+    return "".join(raw), result[0].finish if result else "interrupted"
 
 
 # --- command line --------------------------------------------------------------------------
@@ -198,6 +285,14 @@ def add_commands(sub) -> None:
         help="earlier exchanges kept in the prompt (default 4; 0 = none)",
     )
     p.add_argument("--system", help="system prompt (default: the template's)")
+    p.add_argument(
+        "--tools",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        choices=sorted(builtin_tools.TOOLS),
+        help="built-in tools the model may call (chatml family): calc",
+    )
     p.add_argument(
         "--prompt",
         action="append",
@@ -304,13 +399,14 @@ def _read_prompts(args) -> list[str] | None:
 def _cmd_chat(args) -> int:
     prompts = _read_prompts(args)  # before loading: a bad flag fails fast
     cfg = sampling_from_args(args)
-    session = ChatSession(None, args.mode, args.history, args.system)
+    session = ChatSession(None, args.mode, args.history, args.system, args.tools)
     from spongebob import checkpoint
     from spongebob.generate import Generator
 
     loaded = checkpoint.load(args.ckpt, args.device, tokenizer=args.tokenizer, kernels=args.kernels)
     model, tok, meta = loaded.model, loaded.tokenizer, loaded.meta
     session.tok = tok
+    session.check()
     gen = Generator(model, tok)
     if prompts is None:
         return repl(session, gen, cfg, meta)
@@ -319,7 +415,7 @@ def _cmd_chat(args) -> int:
             text, finish = reply_to(session, gen, user, cfg)
             rec = {"prompt": user, "reply": text, "finish": finish}
             if args.mode == "reason":
-                r = parse_reasoning(text)
+                r = parse_reasoning(TAGS[0] + text if session.opened else text, tok.template)
                 rec.update(think=r.think, answer=r.answer, well_formed=r.well_formed)
             print(json.dumps(rec, ensure_ascii=False), flush=True)
         else:
