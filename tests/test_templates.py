@@ -596,3 +596,38 @@ def test_chatml_equals_minimind_s_template_and_tokenizer(gen):
         else:
             ids, _ = tok.encode_conversation(case["messages"], tools=case.get("tools"))
         assert list(ids) == hf_ids, case
+
+
+def test_sft_trains_minimind3_records_and_the_family_follows_the_checkpoint(
+    tmp_path, chatml_tok_dir
+):
+    """MiniMind-3 SFT records (reasoning_content, tools, tool_calls, tool turns) train with a
+    chatml tokenizer folder that has no tokenizer_config.json (the family comes from
+    `--template chatml`); the checkpoint then carries the chatml template, so the next stage,
+    chat and export use it without being told."""
+    import shutil
+
+    from spongebob import checkpoint
+    from spongebob.config import stage_config
+    from spongebob.export import export_hf
+    from spongebob.train import train
+
+    bare = tmp_path / "tok"
+    bare.mkdir()
+    shutil.copy(chatml_tok_dir / "tokenizer.json", bare / "tokenizer.json")
+    data = ref.write_jsonl(
+        tmp_path / "sft.jsonl",
+        [{"conversations": c["messages"], "tools": c.get("tools")} for c in CORPUS] * 4,
+    )
+    common = dict(data=[str(data)], out=str(tmp_path / "run"), preset="tiny", seq_len=256,
+                  batch_size=2, accum=1, max_steps=2, device="cpu", progress=False,
+                  kernels="torch", attention="sdpa")  # fmt: skip
+    train(stage_config("sft", tokenizer=str(bare), template="chatml", init="none", **common))
+    loaded = checkpoint.load(tmp_path / "run" / "sft", "cpu")
+    assert loaded.tokenizer.template == "chatml"
+    stops = {loaded.tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    assert set(loaded.tokenizer.stop_ids) == stops
+    train(stage_config("sft-long", **{**common, "max_steps": 1}))  # from sft, no flags
+    assert checkpoint.load(tmp_path / "run" / "sft-long", "cpu").tokenizer.template == "chatml"
+    hf = export_hf(tmp_path / "run" / "sft-long", tmp_path / "hf")
+    assert "<|im_start|>" in json.loads((hf / "tokenizer_config.json").read_text())["chat_template"]

@@ -82,14 +82,24 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _set_chat_template(path: Path, chat_template: str) -> None:
+    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if cfg.get("chat_template") != chat_template:
+        cfg["chat_template"] = chat_template
+        path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
 def save_checkpoint(
     path: Path,
     model: torch.nn.Module,
     meta: dict,
     tokenizer_dir: Path | None = None,
     train_state: dict | None = None,
+    chat_template: str | None = None,
 ) -> Path:
-    """Write a complete checkpoint to `path` atomically (temp dir + rename).
+    """Write a complete checkpoint to `path` atomically (temp dir + rename). `chat_template`
+    (the tokenizer's family, contracts.md §2) is written into the copied tokenizer_config.json
+    when it differs, so loading the checkpoint selects the family it was trained with.
 
     A model with LoRA adapters is saved as a LoRA checkpoint: only the adapters, and `meta`
     must carry "lora" with "base" (`base_reference` of the checkpoint they were applied to)."""
@@ -116,6 +126,8 @@ def save_checkpoint(
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)
+            if chat_template is not None:
+                _set_chat_template(tmp / "tokenizer_config.json", chat_template)
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
         for f in tmp.iterdir():
@@ -327,6 +339,8 @@ def load(
     device: str | torch.device = "cpu",
     *,
     tokenizer: Path | str | None = None,
+    template: str | None = None,
+    empty_think: str = "keep",
     kernels: str = "auto",
     attention: str = "auto",
     max_seq_len: int | None = None,
@@ -337,11 +351,13 @@ def load(
     `path`: a run folder (its latest stage's final checkpoint), a stage folder (its final, else
     its newest step checkpoint), a checkpoint directory, a `model.safetensors` inside one, or an
     exported Hugging Face folder. `tokenizer` overrides the tokenizer stored with the weights;
-    its vocab must equal the model's. `kernels` and `attention` are runtime choices (never read
-    from the checkpoint), so a model trained with Triton runs on a CPU. `max_seq_len` enlarges
-    the RoPE tables (it does not change the weights). A LoRA checkpoint loads its base, applies
-    the adapters and merges them; with `merge_lora=False` the model keeps its `LoRALinear`
-    layers (frozen base, trainable adapters). Every way this can fail is a one-line UserError.
+    its vocab must equal the model's; `template` overrides its family and `empty_think` is the
+    chatml training option (contracts.md §2). `kernels` and `attention` are runtime choices
+    (never read from the checkpoint), so a model trained with Triton runs on a CPU.
+    `max_seq_len` enlarges the RoPE tables (it does not change the weights). A LoRA checkpoint
+    loads its base, applies the adapters and merges them; with `merge_lora=False` the model
+    keeps its `LoRALinear` layers (frozen base, trainable adapters). Every way this can fail is
+    a one-line UserError.
     """
     from spongebob.runtime import check_kernels, resolve_device
     from spongebob.tokenizer import load as load_tokenizer
@@ -355,7 +371,7 @@ def load(
     tok_dir = Path(tokenizer) if tokenizer is not None else ckpt
     if tokenizer is None and not (tok_dir / "tokenizer.json").is_file():
         raise UserError(f"{ckpt}: no tokenizer.json; pass --tokenizer DIR")
-    tok = load_tokenizer(tok_dir)
+    tok = load_tokenizer(tok_dir, template, empty_think)
     if tok.vocab_size != cfg.vocab_size:
         raise UserError(
             f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model in {ckpt} "

@@ -102,6 +102,12 @@ class TrainConfig:
     tokenizer: str | None = opt(
         None, "tokenizer folder (default: the init checkpoint's)", metavar="DIR"
     )
+    template: str = opt(
+        "auto", "chat template family: auto (the tokenizer folder's), minimind2 or chatml"
+    )
+    empty_think: str = opt(
+        "keep", "chatml: a turn without reasoning keeps its empty think block (trained) or drops it"
+    )
     # data
     kind: str = opt("text", "data: text, chat, pairs (DPO preferences) or prompts (GRPO)")
     seq_len: int = opt(512, "tokens per row")
@@ -186,6 +192,8 @@ class TrainConfig:
             "kernels": ("auto", "torch", "triton"),
             "attention": ("auto", "sdpa", "flex"),
             "on_bad_line": ("error", "skip"),
+            "template": ("auto", "minimind2", "chatml"),
+            "empty_think": ("keep", "drop"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -105,7 +105,11 @@ class Stage:
             "counters": dict(self.counters),
             "train": self.cfg.to_dict(),
         }
-        ck.save_checkpoint(path, self.model, meta, self.tokenizer_dir, state)
+        # The family goes with the checkpoint (its tokenizer_config's chat_template), so chat,
+        # eval, export and the next stage use the template this stage trained on.
+        ck.save_checkpoint(
+            path, self.model, meta, self.tokenizer_dir, state, self.tokenizer.chat_template
+        )
 
 
 def _plain(obj):
@@ -189,6 +193,10 @@ def _tokenizer_dir(cfg: TrainConfig, src: Path | None) -> Path:
     return tok_dir
 
 
+def _template(cfg: TrainConfig) -> str | None:
+    return None if cfg.template == "auto" else cfg.template
+
+
 def _model(cfg: TrainConfig, rt: Runtime, src: Path | None, tok_dir: Path, resumed: bool):
     """(model on the device in train mode, tokenizer, LoRA base reference or None): from `src`,
     or fresh from the preset. With --lora-rank, the weights of `src` are frozen and adapters
@@ -209,6 +217,8 @@ def _model(cfg: TrainConfig, rt: Runtime, src: Path | None, tok_dir: Path, resum
             src,
             rt.device,
             tokenizer=tok_dir,
+            template=_template(cfg),
+            empty_think=cfg.empty_think,
             kernels=cfg.kernels,
             attention=cfg.attention,
             max_seq_len=cfg.seq_len,
@@ -233,7 +243,7 @@ def _model(cfg: TrainConfig, rt: Runtime, src: Path | None, tok_dir: Path, resum
         return model.train(), loaded.tokenizer, base
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown --preset {cfg.preset!r}; known: {', '.join(PRESETS)}")
-    tok = load_tokenizer(tok_dir)
+    tok = load_tokenizer(tok_dir, _template(cfg), cfg.empty_think)
     mcfg = preset(cfg.preset, vocab_size=tok.vocab_size)
     mcfg.max_seq_len = max(mcfg.max_seq_len, cfg.seq_len)
     model = SpongeBob(mcfg, kernels=cfg.kernels, attention=cfg.attention)
