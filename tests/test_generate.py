@@ -306,3 +306,13 @@ def test_loader_errors_are_one_line_user_errors(tmp_path, tok_dir, minimind_tok_
     with pytest.raises(UserError, match="do not fit") as e:
         load_ckpt(ckpt)
     assert "\n" not in str(e.value)
+
+
+def test_a_generation_records_which_stop_token_ended_it():
+    model = Scripted([7, 7, 3, 5], TINY.vocab_size)
+    got = Generator(model).generate([[1, 2]], SamplingConfig(temperature=0, stop_ids=[3, 4]))[0]
+    assert (got.ids, got.finish, got.stop_id) == ([7, 7], "stop", 3)
+    cut = Generator(Scripted([7], TINY.vocab_size)).generate(
+        [[1, 2]], SamplingConfig(max_new_tokens=2, temperature=0, stop_ids=[3])
+    )[0]
+    assert (cut.finish, cut.stop_id) == ("length", None)

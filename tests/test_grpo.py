@@ -336,6 +336,8 @@ def test_collate_rollouts_labels_only_the_completion():
     assert completion_ids(stop, 2) == [8, 9, 2] and completion_ids(
         Generation([8], "length"), 2
     ) == [8]
+    # chatml stops on <|im_end|> or <|endoftext|>: the one that ended the reply is trained.
+    assert completion_ids(Generation([8], "stop", stop_id=0), 2) == [8, 0]
 
 
 @pytest.fixture(scope="module")

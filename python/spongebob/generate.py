@@ -209,6 +209,7 @@ class Generation:
     finish: str  # "stop" (a stop token) | "length" (max_new_tokens) | "interrupted"
     text: str = ""
     prompt_len: int = 0
+    stop_id: int | None = None  # the stop token that ended it (chatml has two)
 
 
 class Generator:
@@ -303,6 +304,7 @@ class Generator:
         mask = valid[:, None, None, :L].expand(B, 1, L, L) if padded else None
         out: list[list[int]] = [[] for _ in range(B)]
         finish = ["length"] * B
+        stop_at: list[int | None] = [None] * B
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         with torch.inference_mode():
             if isinstance(self.model, SpongeBob):  # the output layer at the last position only
@@ -321,7 +323,7 @@ class Generator:
                 if done_list[i]:
                     continue
                 if hit_list[i]:
-                    finish[i] = "stop"
+                    finish[i], stop_at[i] = "stop", tok_list[i]
                     continue
                 out[i].append(tok_list[i])
                 yield i, tok_list[i]
@@ -346,7 +348,7 @@ class Generator:
         results = []
         for i in range(B):
             text = self.tokenizer.decode(out[i]) if self.tokenizer is not None else ""
-            results.append(Generation(out[i], finish[i], text, len(prompts[i])))
+            results.append(Generation(out[i], finish[i], text, len(prompts[i]), stop_at[i]))
         return results
 
     def stream(

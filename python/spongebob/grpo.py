@@ -121,10 +121,14 @@ class PromptReader(RecordReader):
 
 
 def completion_ids(generation, eos_id: int) -> list[int]:
-    """The trained tokens of a `generate.Generation`: its new ids, plus `</s>` when it stopped
-    on it (the generator strips the stop token; a reply cut at max_new_tokens has none)."""
+    """The trained tokens of a `generate.Generation`: its new ids, plus the stop token it
+    ended on (the generator strips it; `eos_id` when it does not say which; a reply cut at
+    max_new_tokens has none)."""
     ids = [int(t) for t in generation.ids]
-    return [*ids, int(eos_id)] if generation.finish == "stop" else ids
+    if generation.finish != "stop":
+        return ids
+    stop = getattr(generation, "stop_id", None)
+    return [*ids, int(eos_id if stop is None else stop)]
 
 
 def collate_rollouts(
