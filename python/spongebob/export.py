@@ -252,6 +252,17 @@ model = model.merge_and_unload()  # optional: a plain LlamaForCausalLM
 """
 
 
+def add_ckpt_argument(p) -> None:
+    """`--ckpt`, as every export format takes it."""
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="run folder, stage folder or checkpoint dir",
+    )
+
+
 def add_commands(sub) -> None:
     """`spongebob export hf` and `spongebob export gguf`."""
     from spongebob import export_gguf
@@ -259,13 +270,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint (Hugging Face folder or GGUF file)")
     esub = p.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
     h = esub.add_parser("hf", help="a LlamaForCausalLM folder: config, safetensors, tokenizer")
-    h.add_argument(
-        "--ckpt",
-        required=True,
-        type=Path,
-        metavar="PATH",
-        help="run folder, stage folder or checkpoint dir",
-    )
+    add_ckpt_argument(h)
     h.add_argument("--out", required=True, type=Path, metavar="DIR")
     h.add_argument("--dtype", choices=DTYPES, default="float32")
     h.add_argument("--tokenizer", type=Path, metavar="DIR")

@@ -283,14 +283,10 @@ def ollama_modelfile(gguf_file: str, family: str, stops: list[str]) -> str:
 
 def add_command(esub) -> None:
     """`spongebob export gguf` (registered by `spongebob.export.add_commands`)."""
+    from spongebob.export import add_ckpt_argument
+
     g = esub.add_parser("gguf", help="one GGUF file for llama.cpp / Ollama, and a Modelfile")
-    g.add_argument(
-        "--ckpt",
-        required=True,
-        type=Path,
-        metavar="PATH",
-        help="run folder, stage folder or checkpoint dir",
-    )
+    add_ckpt_argument(g)
     g.add_argument("--out", required=True, type=Path, metavar="FILE.gguf")
     g.add_argument("--dtype", choices=DTYPES, default="f32")
     g.add_argument("--tokenizer", type=Path, metavar="DIR")

@@ -21,6 +21,40 @@ pub const TRAIN_TEXTS: &[&str] = &[
     "1 + 2 = 3, 12 * 12 = 144",
 ];
 
+/// A byte-level BPE (vocab 400) trained here on `texts` with `specials` first, and a copy of
+/// it that has them as added tokens (`special` of them special, the rest plain): the plain one
+/// is an independent encoder for expected values.
+fn trained(texts: &[&str], specials: &[String], special: usize) -> (Tokenizer, Tokenizer) {
+    let mut words: AHashMap<CompactString, u64> = AHashMap::new();
+    let re = split_re().unwrap();
+    for _ in 0..3 {
+        for t in texts {
+            pretokenize(re, t, |p| *words.entry(byte_level(p)).or_default() += 1);
+        }
+    }
+    let model = train_on_counts(&words, 400, specials).unwrap();
+    let mut plain = Tokenizer::new(model);
+    plain.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    plain.with_decoder(Some(ByteLevelDecoder::default()));
+    let mut full = plain.clone();
+    let (special, rest) = specials.split_at(special);
+    let added = |toks: &[String], sp: bool| -> Vec<AddedToken> {
+        toks.iter()
+            .map(|s| AddedToken::from(s.clone(), sp).normalized(false))
+            .collect()
+    };
+    full.add_special_tokens(added(special, true)).unwrap();
+    full.add_tokens(added(rest, false)).unwrap();
+    (full, plain)
+}
+
+fn saved(dir: &Path, full: &Tokenizer) -> ChatTokenizer {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    full.save(&path, false).unwrap();
+    ChatTokenizer::from_path(&path).unwrap()
+}
+
 /// A trained tokenizer in `dir/tokenizer.json`: byte-level BPE (vocab 400), with all seven
 /// specials (`with_tags`) or MiniMind's three. Also returns the same model *without* added
 /// tokens: an independent plain encoder for expected values.
@@ -29,27 +63,8 @@ pub fn tiny_tokenizer(dir: &Path, with_tags: bool) -> (ChatTokenizer, Tokenizer)
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let mut words: AHashMap<CompactString, u64> = AHashMap::new();
-    let re = split_re().unwrap();
-    for _ in 0..3 {
-        for t in TRAIN_TEXTS {
-            pretokenize(re, t, |p| *words.entry(byte_level(p)).or_default() += 1);
-        }
-    }
-    let model = train_on_counts(&words, 400, &specials).unwrap();
-    let mut plain = Tokenizer::new(model);
-    plain.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    plain.with_decoder(Some(ByteLevelDecoder::default()));
-    let mut full = plain.clone();
-    let added: Vec<AddedToken> = specials
-        .iter()
-        .map(|s| AddedToken::from(s.clone(), true))
-        .collect();
-    full.add_special_tokens(added).unwrap();
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("tokenizer.json");
-    full.save(&path, false).unwrap();
-    (ChatTokenizer::from_path(&path).unwrap(), plain)
+    let (full, plain) = trained(TRAIN_TEXTS, &specials, specials.len());
+    (saved(dir, &full), plain)
 }
 
 /// A chatml tokenizer in `dir/tokenizer.json` (MiniMind-3's added tokens: three special,
@@ -61,39 +76,10 @@ pub fn tiny_chatml_tokenizer(dir: &Path) -> (ChatTokenizer, Tokenizer) {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let mut words: AHashMap<CompactString, u64> = AHashMap::new();
-    let re = split_re().unwrap();
-    for _ in 0..3 {
-        for t in TRAIN_TEXTS
-            .iter()
-            .chain(&["{\"name\": \"f\", \"arguments\": {\"x\": 1}}"])
-        {
-            pretokenize(re, t, |p| *words.entry(byte_level(p)).or_default() += 1);
-        }
-    }
-    let model = train_on_counts(&words, 400, &specials).unwrap();
-    let mut plain = Tokenizer::new(model);
-    plain.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    plain.with_decoder(Some(ByteLevelDecoder::default()));
-    let mut full = plain.clone();
-    let (special, rest) = specials.split_at(CHATML_NUM_SPECIAL);
-    full.add_special_tokens(
-        special
-            .iter()
-            .map(|s| AddedToken::from(s.clone(), true))
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
-    full.add_tokens(
-        rest.iter()
-            .map(|s| AddedToken::from(s.clone(), false).normalized(false))
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("tokenizer.json");
-    full.save(&path, false).unwrap();
-    (ChatTokenizer::from_path(&path).unwrap(), plain)
+    let mut texts = TRAIN_TEXTS.to_vec();
+    texts.push("{\"name\": \"f\", \"arguments\": {\"x\": 1}}");
+    let (full, plain) = trained(&texts, &specials, CHATML_NUM_SPECIAL);
+    (saved(dir, &full), plain)
 }
 
 pub fn write_lines(path: &Path, lines: &[String]) -> PathBuf {

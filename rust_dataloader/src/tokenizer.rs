@@ -253,11 +253,8 @@ impl ChatTokenizer {
         &self.tag_ids
     }
 
-    /// Encode text with no special-token matching: normalizer, pre-tokenizer, model.
-    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        if text.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// `text` through the normalizer, pre-tokenizer and model, with no added-token matching.
+    fn tokenized(&self, text: &str) -> Result<PreTokenizedString> {
         let mut normalized = NormalizedString::from(text);
         if let Some(n) = self.tok.get_normalizer() {
             n.normalize(&mut normalized)
@@ -271,6 +268,15 @@ impl ChatTokenizer {
         let model = self.tok.get_model();
         pre.tokenize(|n| model.tokenize(n.get()))
             .map_err(|e| DataError::Tokenize(e.to_string()))?;
+        Ok(pre)
+    }
+
+    /// Encode text with no special-token matching: normalizer, pre-tokenizer, model.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pre = self.tokenized(text)?;
         let mut ids = Vec::with_capacity(text.len() / 2);
         for (_, _, tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::None) {
             if let Some(tokens) = tokens {
@@ -398,19 +404,7 @@ impl ChatTokenizer {
         if text.is_empty() {
             return Ok(());
         }
-        let mut normalized = NormalizedString::from(text);
-        if let Some(n) = self.tok.get_normalizer() {
-            n.normalize(&mut normalized)
-                .map_err(|e| DataError::Tokenize(e.to_string()))?;
-        }
-        let mut pre = PreTokenizedString::from(normalized);
-        if let Some(p) = self.tok.get_pre_tokenizer() {
-            p.pre_tokenize(&mut pre)
-                .map_err(|e| DataError::Tokenize(e.to_string()))?;
-        }
-        let model = self.tok.get_model();
-        pre.tokenize(|n| model.tokenize(n.get()))
-            .map_err(|e| DataError::Tokenize(e.to_string()))?;
+        let pre = self.tokenized(text)?;
         for (_, (_, end), tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
             let Some(tokens) = tokens else { continue };
             let last = end.saturating_sub(1);
