@@ -50,3 +50,30 @@ def test_reduced_demo_writes_scorecard_report_and_loss_curves(fast_demo):
         assert (out / f"loss_{stage}.png").is_file()
         assert f"loss_{stage}.png" in report
     assert {s["mode"] for s in card["samples"]} == {"pretrain", "chat", "reason"}
+
+
+@pytest.fixture(scope="module")
+def chatml_demo(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo_chatml")
+    return out, run_demo(out, "fast", seed=0, template="chatml")
+
+
+def test_reduced_chatml_demo_chains_learns_the_format_and_scores_tool_use(chatml_demo):
+    """`spongebob demo --template chatml`: the same stages on MiniMind-3's format (a chatml
+    tokenizer, reasoning_content, calculator dialogues); the reasoning format is learned, and
+    the tool-use task is scored on held-out problems at every stage."""
+    from spongebob.data import ChatTokenizer
+
+    out, card = chatml_demo
+    stages = card["stages"]
+    assert card["template"] == "chatml" and [s["stage"] for s in stages] == list(STAGE_DATA)
+    for prev, cur in itertools.pairwise(stages):
+        assert Path(cur["init"]) == Path(prev["checkpoint"]), cur["stage"]
+    assert ChatTokenizer.from_dir(stages[-1]["checkpoint"]).template == "chatml"
+    assert card["untrained"]["reasoning_format"] <= 0.05
+    assert stages[-1]["reasoning_format"] >= 0.5
+    assert all(s["tool_use"] is not None for s in stages)
+    tool = stages[-1]["extra"]["by_task"]["tool"]
+    assert tool["n"] == 60  # one per held-out arithmetic pair
+    assert "tool use" in (out / "report.md").read_text()
+    assert {s["mode"] for s in card["samples"]} == {"pretrain", "chat", "reason", "tool"}

@@ -272,3 +272,16 @@ def test_eval_cli_prints_a_table_and_writes_json(tmp_path, tok_dir):
     )
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().count("\n") == 0 and "bad.jsonl:1" in res.stderr
+
+
+def test_a_tool_reply_counts_when_it_calls_calc_with_an_expression_of_the_answer():
+    from spongebob.evaluate import calls_tool_correctly
+
+    call = '<tool_call>\n{{"name": "{n}", "arguments": {{"expr": "{e}"}}}}\n</tool_call>'
+    assert calls_tool_correctly(call.format(n="calc", e="23*47"), "1081")
+    assert calls_tool_correctly("ok " + call.format(n="calc", e="1081"), "1081")
+    assert not calls_tool_correctly(call.format(n="calc", e="23*46"), "1081")  # wrong value
+    assert not calls_tool_correctly(call.format(n="search", e="23*47"), "1081")  # wrong tool
+    assert not calls_tool_correctly("23*47 = 1081", "1081")  # answered, did not call
+    assert not calls_tool_correctly("<tool_call>{not json</tool_call>", "1081")
+    assert not calls_tool_correctly(call.format(n="calc", e="import os"), "1081")

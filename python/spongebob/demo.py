@@ -88,6 +88,7 @@ class StageScore:
     fact_accuracy: float | None = None
     reasoning_format: float | None = None
     arithmetic_accuracy: float | None = None
+    tool_use: float | None = None  # chatml demo: the reply calls calc correctly
     checkpoint: str | None = None
     init: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -122,6 +123,7 @@ def _score(model, tok, eval_file: Path, plan: DemoPlan) -> dict:
         "fact_accuracy": get("fact", "contains"),
         "reasoning_format": get("arith", "well_formed"),
         "arithmetic_accuracy": get("arith", "contains"),
+        "tool_use": get("tool", "contains"),
         "by_task": by_task,
     }
 
@@ -130,8 +132,10 @@ def _samples(pretrained, model, tok, plan: DemoPlan) -> list[dict]:
     """One sample per chat mode (greedy, so the report is reproducible): raw continuation by
     the pretrained model, chat and reasoning by the final one."""
     from spongebob.generate import Generator, SamplingConfig, parse_reasoning
+    from spongebob.tools import CALC_SCHEMA
 
     cfg = SamplingConfig(max_new_tokens=plan.max_new_tokens, temperature=0.0)
+    chatml = tok.template == "chatml"
     out = []
     raw = "法国的首都是"
     ids = [int(i) for i in tok.encode_document(raw)][:-1]  # <s> + text, no </s>
@@ -143,19 +147,28 @@ def _samples(pretrained, model, tok, plan: DemoPlan) -> list[dict]:
         ("chat", "日本的首都是哪里？"),
         ("reason", "小明有12个苹果，又买了7个，现在一共有几个？"),
     ]
+    if chatml:
+        prompts.append(("tool", "请用计算器算一下 23×47。"))
     for mode, q in prompts:
-        ids = [int(i) for i in tok.encode_prompt([{"role": "user", "content": q}])]
+        msgs = [{"role": "user", "content": q}]
+        opened = chatml and mode == "reason"  # chatml reasons inside an open think block
+        kw = {"tools": [CALC_SCHEMA]} if mode == "tool" else {}
+        ids = [int(i) for i in tok.encode_prompt(msgs, thinking=opened, **kw)]
         text = gen.generate([ids], cfg)[0].text
         rec: dict[str, Any] = {"mode": mode, "prompt": q, "reply": text}
         if mode == "reason":
-            r = parse_reasoning(text)
+            r = parse_reasoning(("<think>" + text) if opened else text, tok.template)
             rec.update(think=r.think, answer=r.answer, well_formed=r.well_formed)
         out.append(rec)
     return out
 
 
-def run_demo(out: Path, plan_name: str = "full", seed: int = 0) -> dict:
-    """Run every stage into `out` and return the scorecard (also written as JSON + report)."""
+def run_demo(
+    out: Path, plan_name: str = "full", seed: int = 0, template: str = "minimind2"
+) -> dict:
+    """Run every stage into `out` and return the scorecard (also written as JSON + report).
+    `template="chatml"`: the same path on the ChatML family (MiniMind-3's format), with the
+    calculator tool-use task added to the data and the scorecard."""
     import torch
 
     from spongebob import checkpoint, demo_data
@@ -174,13 +187,15 @@ def run_demo(out: Path, plan_name: str = "full", seed: int = 0) -> dict:
     t_all = time.perf_counter()
 
     t0 = time.perf_counter()
-    files = demo_data.generate(out / "data", seed=seed, scale=plan.scale)
+    files = demo_data.generate(out / "data", seed=seed, scale=plan.scale, template=template)
     log(f"generated demo data in {time.perf_counter() - t0:.1f}s: {out / 'data'}")
 
     t0 = time.perf_counter()
     tok_dir = out / "tokenizer"
     train_files = [files[n] for n in ("pretrain", "sft_512", "sft_1024", "r1_1024")]
-    train_tokenizer(train_files, tok_dir, vocab_size=plan.vocab_size, show_progress=False)
+    train_tokenizer(
+        train_files, tok_dir, vocab_size=plan.vocab_size, show_progress=False, template=template
+    )
     tok = load_tokenizer(tok_dir)
     tok_s = time.perf_counter() - t0
 
@@ -237,6 +252,7 @@ def run_demo(out: Path, plan_name: str = "full", seed: int = 0) -> dict:
             fact_accuracy=s["fact_accuracy"],
             reasoning_format=s["reasoning_format"],
             arithmetic_accuracy=s["arithmetic_accuracy"],
+            tool_use=s["tool_use"],
             checkpoint=str(result.final),
             init=meta.get("init"),
             extra={"by_task": s["by_task"]},
@@ -246,6 +262,7 @@ def run_demo(out: Path, plan_name: str = "full", seed: int = 0) -> dict:
     samples = _samples(pretrained, model, tok, plan)
     card = {
         "plan": plan_name,
+        "template": template,
         "seed": seed,
         "wall_s": round(time.perf_counter() - t_all, 1),
         "tokenizer": {"vocab_size": tok.vocab_size, "wall_s": round(tok_s, 1)},
@@ -263,9 +280,10 @@ def untrained_summary(s: dict) -> str:
         return "-" if x is None else f"{100 * x:.0f}%"
 
     ppl = s.get("perplexity")
+    tool = "" if s.get("tool_use") is None else f", tool use {pct(s['tool_use'])}"
     return (f"ppl {ppl:.1f} " if isinstance(ppl, (int, float)) else "") + (
         f"facts {pct(s.get('fact_accuracy'))}, reasoning format {pct(s.get('reasoning_format'))}, "
-        f"arithmetic {pct(s.get('arithmetic_accuracy'))}"
+        f"arithmetic {pct(s.get('arithmetic_accuracy'))}{tool}"
     )
 
 
@@ -276,16 +294,21 @@ def format_scorecard(card: dict) -> str:
     def num(x, f="{:.3f}"):
         return "-" if x is None else f.format(x)
 
+    tools = any(s.get("tool_use") is not None for s in card["stages"])
     head = (
         "| stage | steps | wall s | tokens/s | final loss | eval ppl | facts | "
-        "reasoning format | arithmetic |"
+        "reasoning format | arithmetic |" + (" tool use |" if tools else "")
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * (10 if tools else 9)]
+
+    def tool(x) -> str:
+        return f" {pct(x.get('tool_use'))} |" if tools else ""
+
     u = card["untrained"]
     lines.append(
         f"| (untrained) | 0 | - | - | - | {num(u['perplexity'], '{:.1f}')} | "
         f"{pct(u['fact_accuracy'])} | {pct(u['reasoning_format'])} | "
-        f"{pct(u['arithmetic_accuracy'])} |"
+        f"{pct(u['arithmetic_accuracy'])} |" + tool(u)
     )
     for s in card["stages"]:
         lines.append(
@@ -293,7 +316,7 @@ def format_scorecard(card: dict) -> str:
             f"{num(s['tokens_per_s'], '{:.0f}')} | {num(s['final_loss'])} | "
             f"{num(s['perplexity'], '{:.1f}')} | "
             f"{pct(s['fact_accuracy'])} | {pct(s['reasoning_format'])} | "
-            f"{pct(s['arithmetic_accuracy'])} |"
+            f"{pct(s['arithmetic_accuracy'])} |" + tool(s)
         )
     return "\n".join(lines)
 
@@ -341,11 +364,17 @@ def add_commands(sub) -> None:
         help="full: the README demo; fast: the reduced CI run",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--template",
+        choices=["minimind2", "chatml"],
+        default="minimind2",
+        help="chat template family of the whole run (chatml adds calculator tool use)",
+    )
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
-    card = run_demo(args.out, args.plan, args.seed)
+    card = run_demo(args.out, args.plan, args.seed, args.template)
     print(format_scorecard(card))
     print(
         f"\ntotal {card['wall_s']:.0f}s; scorecard: {args.out / 'scorecard.json'}, "

@@ -893,17 +893,30 @@ def _estimate_tokens(turns: list[tuple[str, str]]) -> int:
 
 
 # Record counts at scale 1.0; eval is not scaled (see `generate`).
-SIZES = {"pretrain": 6000, "sft_512": 8000, "sft_1024": 400, "r1_1024": 4000, "eval_arith": 60}
+SIZES = {
+    "pretrain": 6000,
+    "sft_512": 8000,
+    "sft_1024": 400,
+    "r1_1024": 4000,
+    "eval_arith": 60,
+    "tool": 1200,
+}
 FILES = ("pretrain", "sft_512", "sft_1024", "r1_1024", "eval")
 
 
-def generate(out_dir: Path | str, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
+def generate(
+    out_dir: Path | str, seed: int = 0, scale: float = 1.0, template: str = "minimind2"
+) -> dict[str, Path]:
     """Write the five demo files into `out_dir` and return `{name: path}`.
 
     `scale` multiplies the number of training records; the fact table and the eval set stay
     whole so accuracy means the same at every scale. `seed` drives every choice: the same
-    `(seed, scale)` gives byte-identical files.
+    `(seed, scale, template)` gives byte-identical files. `template="chatml"` writes the same
+    corpus in MiniMind-3's form (`reasoning_content` instead of tags in the content) and adds
+    calculator tool use (`tool_records`) to SFT, distillation and eval.
     """
+    if template not in ("minimind2", "chatml"):
+        raise ValueError(f"template must be minimind2 or chatml, not {template!r}")
     if not scale > 0:
         raise ValueError(f"scale must be positive, not {scale}")
     out = Path(out_dir)
@@ -925,12 +938,140 @@ def generate(out_dir: Path | str, seed: int = 0, scale: float = 1.0) -> dict[str
         "r1_1024": many(gen.r1, "r1_1024"),
         "eval": gen.eval_records([pairs[i] for i in eval_idx]),
     }
+    if template == "chatml":
+        trng = random.Random(seed + 1)  # its own stream: the minimind2 files stay as they were
+        train_pairs = [p for i, p in enumerate(pairs) if i not in held]
+        n_tool = max(1, round(SIZES["tool"] * scale))
+        # Calculator dialogues (≈ 300 tokens with the tools block) go where rows are 512 long:
+        # long SFT and distillation, which also keeps them from being forgotten.
+        files["sft_1024"] += tool_records(trng, train_pairs, n_tool // 4, TOOL_PARTS)
+        files["r1_1024"] += tool_records(trng, train_pairs, n_tool, TOOL_PARTS)
+        files["eval"] += tool_records(
+            trng, [pairs[i] for i in eval_idx], None, EVAL_TOOL_PARTS, eval_set=True
+        )
+        for name in ("sft_512", "sft_1024", "r1_1024", "eval"):
+            files[name] = [to_chatml(rec) for rec in files[name]]
     _check_held_out(files)
     paths = {}
     for name in FILES:
         paths[name] = out / f"{name}.jsonl"
         _write(paths[name], files[name])
     return paths
+
+
+# --- the chatml family: reasoning_content and calculator tool use -----------------------
+
+CALC_OPS = {"+": "+", "-": "-", "×": "*"}
+# Calculator requests are composed from interchangeable parts (opening, request with {e} for
+# the expression, a mention of the tool, ending), in Chinese and English. Eval composes its
+# wordings from other openings and requests: whole families training never shows.
+TOOL_PARTS = {
+    "zh": (
+        ["", "你好，", "请问，", "麻烦你，", "嗨，", "老师，"],
+        [
+            "用计算器算一下 {e}",
+            "帮我计算 {e}",
+            "算算 {e}",
+            "{e} 等于多少",
+            "{e} 的结果是多少",
+            "请计算 {e}",
+            "我想算 {e}",
+            "{e} 得几",
+        ],
+        ["", "，用工具", "，请调用计算器", "（用计算器）", "，调用 calc"],
+        ["。", "？", "", "！"],
+    ),
+    "en": (
+        ["", "Hi, ", "Hey, ", "Hello! ", "Quick one: "],
+        [
+            "calculate {e}",
+            "what is {e}",
+            "compute {e}",
+            "work out {e}",
+            "tell me {e}",
+            "how much is {e}",
+            "find {e}",
+        ],
+        ["", " with the calculator", " using the tool", " (use calc)", " via the calc tool"],
+        [".", "?", "", "!"],
+    ),
+}
+EVAL_TOOL_PARTS = {
+    "zh": (
+        ["劳驾，", "打扰一下，"],
+        ["求 {e} 的值", "{e} 是多少呢", "帮忙求一下 {e}"],
+        ["，用计算器", ""],
+        ["。", "？"],
+    ),
+    "en": (
+        ["Could you ", "Please "],
+        ["evaluate {e}", "figure out {e}", "give me the value of {e}"],
+        [" with the calculator", ""],
+        ["?", "."],
+    ),
+}
+
+
+def tool_wording(rng: random.Random, parts: dict, en: bool) -> str:
+    opening, requests, tools, endings = parts["en" if en else "zh"]
+    text = rng.choice(opening) + rng.choice(requests) + rng.choice(tools) + rng.choice(endings)
+    return text[0].upper() + text[1:] if en else text
+
+
+def tool_records(
+    rng: random.Random,
+    pairs: list[tuple[str, int, int]],
+    n: int | None,
+    parts: dict,
+    eval_set: bool = False,
+) -> list[dict]:
+    """Calculator dialogues: the user asks for an expression, the assistant calls
+    `calc({"expr": ...})`, the tool answers, the assistant states the result. `n` records
+    drawn from `pairs` (None: one per pair). Eval records stop before the call and carry the
+    value as `answer` (task "tool": the reply must call calc with an expression of that value).
+    """
+    from spongebob.tools import CALC_SCHEMA
+
+    chosen = pairs if n is None else [rng.choice(pairs) for _ in range(n)]
+    out = []
+    for op, a, b in chosen:
+        sym = CALC_OPS[op]
+        shown = rng.choice([f"{a}{op}{b}", f"{a} {op} {b}", f"{a} {sym} {b}", f"{a}{sym}{b}"])
+        expr = f"{a}{sym}{b}"
+        value = str(apply_op(op, a, b))
+        wording = tool_wording(rng, parts, en=rng.random() < 0.4)
+        user = {"role": "user", "content": wording.format(e=shown)}
+        call = {"type": "function", "function": {"name": "calc", "arguments": {"expr": expr}}}
+        if eval_set:
+            msgs = [user, {"role": "assistant", "content": "", "tool_calls": [call]}]
+            out.append({"conversations": msgs, "tools": [CALC_SCHEMA], "answer": value,
+                        "task": "tool", "id": f"tool:{expr}", "expr": expr})  # fmt: skip
+            continue
+        msgs = [
+            user,
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": value},
+            {"role": "assistant", "content": f"{a} {op} {b} = {value}。"},
+        ]
+        out.append({"conversations": msgs, "tools": [CALC_SCHEMA]})
+    return out
+
+
+def to_chatml(rec: dict) -> dict:
+    """A record in MiniMind-3's form: an assistant turn `<think>T</think><answer>A</answer>`
+    becomes `{"reasoning_content": T, "content": A}`."""
+    if "conversations" not in rec:
+        return rec
+    msgs = []
+    for m in rec["conversations"]:
+        content = m.get("content") or ""
+        if m["role"] == "assistant" and content.lstrip().startswith("<think>"):
+            from spongebob.generate import parse_reasoning
+
+            r = parse_reasoning(content)
+            m = {**m, "reasoning_content": r.think, "content": r.answer}
+        msgs.append(m)
+    return {**rec, "conversations": msgs}
 
 
 def _write(path: Path, records: list[dict]) -> None:

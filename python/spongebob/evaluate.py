@@ -12,9 +12,13 @@ For every file (pretrain `{"text"}` or chat `{"conversations"}` jsonl, detected 
   - exact: the reply (its `<answer>` part for reasoning prompts), stripped of surrounding
     whitespace and punctuation, equals the key or the reference reply;
   - contains: the key occurs in the reply (digit-bounded for numbers, so "13" is not in "130");
-  - for reasoning prompts (the reference reply has `<think>`, or `"mode": "reason"`): the share
-    of well-formed `<think>…</think><answer>…</answer>` replies.
-  Results are also broken down by the line's `"task"` (the demo's fact / identity / arith).
+  - for reasoning prompts (the reference reply has `<think>` or `reasoning_content`, or
+    `"mode": "reason"`): the share of well-formed replies (`<think>…</think><answer>…</answer>`;
+    for a chatml-family model, prompted with its think block open, `…</think>` then the answer);
+  - for `"task": "tool"` lines (a line's `tools` go into the prompt): the reply must call
+    `calc` with an expression whose value is the key (exact = contains = that).
+  Results are also broken down by the line's `"task"` (the demo's fact / identity / arith /
+  tool).
 
 Prints a table and writes everything, every reply included, as JSON.
 """
@@ -224,8 +228,11 @@ def contains(reply: str, key: str) -> bool:
 def is_reasoning(rec: dict) -> bool:
     if rec.get("mode") == "reason":
         return True
-    last = [m["content"] for m in rec["conversations"] if m["role"] == "assistant"]
-    return bool(last) and REASONING_TAGS[0] in last[-1]
+    last = [m for m in rec["conversations"] if m["role"] == "assistant"]
+    return bool(last) and (
+        REASONING_TAGS[0] in (last[-1].get("content") or "")
+        or isinstance(last[-1].get("reasoning_content"), str)
+    )
 
 
 def split_prompt(rec: dict) -> tuple[list[dict], str | None]:
@@ -237,9 +244,38 @@ def split_prompt(rec: dict) -> tuple[list[dict], str | None]:
     return msgs[:idx], msgs[idx]["content"]
 
 
-def score_reply(reply: str, key: str, reference: str | None, reasoning: bool) -> dict:
-    """exact / contains / well_formed for one reply (see the module docstring)."""
-    parsed = parse_reasoning(reply) if reasoning else None
+def calls_tool_correctly(reply: str, key: str) -> bool:
+    """Does the reply call `calc` with an expression whose value is `key`?"""
+    from spongebob.generate import ToolCallError, parse_tool_calls
+    from spongebob.tools import calc
+
+    try:
+        calls = parse_tool_calls(reply).calls
+    except ToolCallError:
+        return False
+    for c in calls:
+        expr = c.arguments.get("expr")
+        if c.name == "calc" and isinstance(expr, str):
+            try:
+                if calc(expr) == key:
+                    return True
+            except ValueError:
+                pass
+    return False
+
+
+def score_reply(
+    reply: str,
+    key: str,
+    reference: str | None,
+    reasoning: bool,
+    template: str = "minimind2",
+    opened: bool = False,
+) -> dict:
+    """exact / contains / well_formed for one reply (see the module docstring); `opened`: the
+    prompt ended in `<think>` (chatml), so the reply starts inside the reasoning."""
+    text = REASONING_TAGS[0] + reply if opened else reply
+    parsed = parse_reasoning(text, template) if reasoning else None
     answer = parsed.answer if parsed is not None and parsed.answer else reply
     targets = {normalize(key)}
     if reference is not None:
@@ -258,6 +294,7 @@ def answer_accuracy(
     from spongebob.generate import Generator
 
     gen = Generator(model, tok)
+    template = getattr(tok, "template", "minimind2")
     todo = []
     for line_no, rec in records:
         if "conversations" not in rec or "answer" not in rec:
@@ -265,7 +302,9 @@ def answer_accuracy(
         prompt, reference = split_prompt(rec)
         if not prompt or prompt[-1]["role"] != "user":
             continue
-        ids = [int(i) for i in tok.encode_prompt(prompt)]
+        opened = template == "chatml" and is_reasoning(rec)
+        kw = {"tools": rec["tools"]} if rec.get("tools") else {}
+        ids = [int(i) for i in tok.encode_prompt(prompt, thinking=opened, **kw)]
         todo.append((line_no, rec, ids, reference))
     # Similar lengths together: less padding per batch.
     order = sorted(range(len(todo)), key=lambda k: len(todo[k][2]))
@@ -279,14 +318,21 @@ def answer_accuracy(
     for k, (line_no, rec, _, reference) in enumerate(todo):
         reasoning = is_reasoning(rec)
         key = str(rec["answer"])
+        task = str(rec.get("task", "all"))
+        opened = template == "chatml" and reasoning
+        if task == "tool":
+            ok = calls_tool_correctly(replies[k], key)
+            scores: dict = {"exact": ok, "contains": ok}
+        else:
+            scores = score_reply(replies[k], key, reference, reasoning, template, opened)
         row = {
             "line": line_no,
-            "task": str(rec.get("task", "all")),
+            "task": task,
             "answer": key,
             "prompt": split_prompt(rec)[0][-1]["content"],
             "reply": replies[k],
             "reasoning": reasoning,
-            **score_reply(replies[k], key, reference, reasoning),
+            **scores,
         }
         rows.append(row)
     return {"summary": summarize(rows), "rows": rows}
