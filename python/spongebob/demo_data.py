@@ -899,7 +899,7 @@ SIZES = {
     "sft_1024": 400,
     "r1_1024": 4000,
     "eval_arith": 60,
-    "tool": 1200,
+    "tool": 2400,
 }
 FILES = ("pretrain", "sft_512", "sft_1024", "r1_1024", "eval")
 
