@@ -187,7 +187,7 @@ class ChatSession:
         """What goes back into the history: the answer alone in reason mode."""
         if self.mode != "reason":
             return reply
-        return parse_reasoning(TAGS[0] + reply if self.opened else reply, self.template).answer
+        return parse_reasoning(reply, self.template, self.opened).answer
 
     def record(self, user: str, reply: str, pending: list[dict] | None = None) -> None:
         if self.mode == "pretrain" or self.history == 0:
@@ -415,7 +415,7 @@ def _cmd_chat(args) -> int:
             text, finish = reply_to(session, gen, user, cfg)
             rec = {"prompt": user, "reply": text, "finish": finish}
             if args.mode == "reason":
-                r = parse_reasoning(TAGS[0] + text if session.opened else text, tok.template)
+                r = parse_reasoning(text, tok.template, session.opened)
                 rec.update(think=r.think, answer=r.answer, well_formed=r.well_formed)
             print(json.dumps(rec, ensure_ascii=False), flush=True)
         else:

@@ -157,7 +157,7 @@ def _samples(pretrained, model, tok, plan: DemoPlan) -> list[dict]:
         text = gen.generate([ids], cfg)[0].text
         rec: dict[str, Any] = {"mode": mode, "prompt": q, "reply": text}
         if mode == "reason":
-            r = parse_reasoning(("<think>" + text) if opened else text, tok.template)
+            r = parse_reasoning(text, tok.template, opened)
             rec.update(think=r.think, answer=r.answer, well_formed=r.well_formed)
         out.append(rec)
     return out

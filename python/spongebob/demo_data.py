@@ -1060,14 +1060,14 @@ def tool_records(
 def to_chatml(rec: dict) -> dict:
     """A record in MiniMind-3's form: an assistant turn `<think>T</think><answer>A</answer>`
     becomes `{"reasoning_content": T, "content": A}`."""
+    from spongebob.generate import parse_reasoning
+
     if "conversations" not in rec:
         return rec
     msgs = []
     for m in rec["conversations"]:
         content = m.get("content") or ""
         if m["role"] == "assistant" and content.lstrip().startswith("<think>"):
-            from spongebob.generate import parse_reasoning
-
             r = parse_reasoning(content)
             m = {**m, "reasoning_content": r.think, "content": r.answer}
         msgs.append(m)

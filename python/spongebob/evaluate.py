@@ -274,8 +274,7 @@ def score_reply(
 ) -> dict:
     """exact / contains / well_formed for one reply (see the module docstring); `opened`: the
     prompt ended in `<think>` (chatml), so the reply starts inside the reasoning."""
-    text = REASONING_TAGS[0] + reply if opened else reply
-    parsed = parse_reasoning(text, template) if reasoning else None
+    parsed = parse_reasoning(reply, template, opened) if reasoning else None
     answer = parsed.answer if parsed is not None and parsed.answer else reply
     targets = {normalize(key)}
     if reference is not None:

@@ -399,8 +399,10 @@ class Reasoning:
     well_formed: bool
 
 
-def parse_reasoning(text: str, template: str = "minimind2") -> Reasoning:
-    """Split a reasoning reply; a malformed one keeps whatever parts can be found.
+def parse_reasoning(text: str, template: str = "minimind2", opened: bool = False) -> Reasoning:
+    """Split a reasoning reply; a malformed one keeps whatever parts can be found. `opened`:
+    the prompt itself ended in `<think>` (chatml with thinking on), so the reply starts inside
+    the reasoning block (an unfinished one is all thinking, not all answer).
 
     `template` is the family the reply was generated under (`ChatTokenizer.template`):
     "minimind2" replies read `<think>…</think><answer>…</answer>`; "chatml" replies
@@ -408,6 +410,8 @@ def parse_reasoning(text: str, template: str = "minimind2") -> Reasoning:
     when thinking is on): the thinking is what comes before the one `</think>`, the answer what
     follows it, well formed when `</think>` occurs once, `<think>` at most once and only at
     the start, and no answer tag is used."""
+    if opened:
+        text = TAGS[0] + text
     if template == "chatml":
         return _parse_chatml_reasoning(text)
     if template != "minimind2":

@@ -183,11 +183,9 @@ def split_reply(
 ) -> tuple[str | None, str]:
     """(reasoning_content, content) of a whole reply; (None, text) unless it starts with
     `<think>` or, `opened`, its prompt did (chatml with thinking on)."""
-    if opened:
-        text = TAGS[0] + text
-    if not text.lstrip().startswith(TAGS[0]):
+    if not (opened or text.lstrip().startswith(TAGS[0])):
         return None, text
-    r = parse_reasoning(text, template)
+    r = parse_reasoning(text, template, opened)
     return r.think, r.answer
 
 
