@@ -33,9 +33,8 @@ from spongebob.errors import UserError
 from spongebob.generate import (
     TAGS,
     SamplingConfig,
-    ToolCallError,
+    find_tool_calls,
     parse_reasoning,
-    parse_tool_calls,
 )
 
 MODES = ("pretrain", "chat", "reason")
@@ -208,13 +207,7 @@ def _pieces(stream: Iterator[str], session: ChatSession) -> Iterator[str]:
 
 def _tool_calls(session: ChatSession, text: str):
     """The calls of a reply (none when tools are off or the blocks are not valid calls)."""
-    if not session.tools:
-        return None
-    try:
-        parsed = parse_tool_calls(session.answer(text))
-    except ToolCallError:
-        return None
-    return parsed if parsed.calls else None
+    return find_tool_calls(session.answer(text)) if session.tools else None
 
 
 def reply_to(

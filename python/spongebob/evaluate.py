@@ -246,14 +246,11 @@ def split_prompt(rec: dict) -> tuple[list[dict], str | None]:
 
 def calls_tool_correctly(reply: str, key: str) -> bool:
     """Does the reply call `calc` with an expression whose value is `key`?"""
-    from spongebob.generate import ToolCallError, parse_tool_calls
+    from spongebob.generate import find_tool_calls
     from spongebob.tools import calc
 
-    try:
-        calls = parse_tool_calls(reply).calls
-    except ToolCallError:
-        return False
-    for c in calls:
+    parsed = find_tool_calls(reply)
+    for c in parsed.calls if parsed else []:
         expr = c.arguments.get("expr")
         if c.name == "calc" and isinstance(expr, str):
             try:

@@ -519,3 +519,14 @@ def parse_tool_calls(text: str) -> ToolCalls:
     calls = [parse_tool_call(m.group(1)) for m in _TOOL_CALL_BLOCK.finditer(text)]
     content = _TOOL_CALL_BLOCK.sub("", text).strip()
     return ToolCalls(content, calls)
+
+
+def find_tool_calls(text: str) -> ToolCalls | None:
+    """The calls of a generated reply, or None when it makes none or one of its blocks is not
+    a valid call: then the reply stands as the model's text (how chat, serve and eval treat a
+    malformed call; it is the model's output, not a user's error)."""
+    try:
+        parsed = parse_tool_calls(text)
+    except ToolCallError:
+        return None
+    return parsed if parsed.calls else None

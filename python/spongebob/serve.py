@@ -50,9 +50,8 @@ from spongebob.generate import (
     TOOL_CALL,
     SamplingConfig,
     StreamDecoder,
-    ToolCallError,
+    find_tool_calls,
     parse_reasoning,
-    parse_tool_calls,
 )
 
 ROLES = {
@@ -218,9 +217,8 @@ class ToolCallHolder:
         held, self.held = self.held, ""
         if not self.calling:
             return held, []
-        try:
-            parsed = parse_tool_calls(held)
-        except ToolCallError:
+        parsed = find_tool_calls(held)
+        if parsed is None:
             return held, []
         return parsed.content, openai_tool_calls(parsed.calls)
 
@@ -246,14 +244,10 @@ def shape_message(text: str, job: Job, split: bool) -> tuple[dict, str | None]:
         if think is not None:
             content, msg["reasoning_content"] = answer, think
     reason = None
-    if job.tools and content and TOOL_CALL in content:
-        try:
-            parsed = parse_tool_calls(content)
-        except ToolCallError:
-            parsed = None
-        if parsed is not None and parsed.calls:
-            content, reason = parsed.content or None, "tool_calls"
-            msg["tool_calls"] = openai_tool_calls(parsed.calls)
+    parsed = find_tool_calls(content) if job.tools and content else None
+    if parsed is not None:
+        content, reason = parsed.content or None, "tool_calls"
+        msg["tool_calls"] = openai_tool_calls(parsed.calls)
     msg["content"] = content
     return msg, reason
 
