@@ -9,6 +9,9 @@ Three modes, the tutorial's `--model_mode 0/1/2`:
   answer goes back into the history, as reasoning models are usually run. A chatml-family
   model (contracts.md §2) is prompted with its think block open.
 
+A distilled (reasoning) model often thinks in chat mode too: a chat reply that opens with
+`<think>` is shown and recorded as in reason mode; any other reply is shown as written.
+
 `--tools calc` (chatml family) offers the built-in calculator (spongebob/tools.py): a reply's
 `<tool_call>` is run, its result goes back as a `tool` message, and the model continues, up to
 `MAX_TOOL_ROUNDS` calls per turn.
@@ -46,16 +49,26 @@ TOOL_LABEL = "[工具] "
 MAX_TOOL_ROUNDS = 4
 
 
+def starts_thinking(reply: str) -> bool:
+    """Does a reply open with a think block? Then a chat-mode reply is a reasoning one."""
+    return reply.lstrip().startswith(TAGS[0])
+
+
 class ReasonView:
     """Rewrites a streamed reasoning reply for display: `<think>` and `<answer>` become labels
     on their own lines, closing tags vanish, and the newlines that frame the blocks are
     dropped. Text that might be the start of a tag (a tokenizer without tag tokens emits `<`,
     `think`, `>` separately) is held back until it is known."""
 
-    def __init__(self, opened: bool = False, answer_after_think: bool = False) -> None:
+    def __init__(
+        self, opened: bool = False, answer_after_think: bool = False, detect: bool = False
+    ) -> None:
         """`opened`: the prompt ended inside the think block (chatml), so the reply starts
         with its reasoning; `answer_after_think`: what follows `</think>` is the answer
-        (chatml has no answer tags)."""
+        (chatml has no answer tags); `detect` (chat mode): rewrite only a reply that opens
+        with `<think>` (see `starts_thinking`), pass any other through unchanged."""
+        self.undecided = detect  # the reply's start is still arriving
+        self.passthrough = False
         self.buf = ""
         self.pending_nl = 0  # trailing newlines held until more text follows
         self.after_tag = False
@@ -64,7 +77,18 @@ class ReasonView:
         self.answer_after_think = answer_after_think
 
     def feed(self, text: str) -> str:
+        if self.passthrough:
+            return text
         self.buf += text
+        if self.undecided:
+            head = self.buf.lstrip()
+            if not head.startswith(TAGS[0]):
+                if TAGS[0].startswith(head):
+                    return ""  # only whitespace, or `<think>` still arriving
+                self.passthrough = True
+                text, self.buf = self.buf, ""
+                return text
+            self.undecided, self.buf = False, head  # the whitespace before it is no text
         out = []
         if self.opened:
             self.opened = False
@@ -91,7 +115,7 @@ class ReasonView:
 
     def flush(self) -> str:
         rest, self.buf = self.buf, ""
-        return self._plain(rest)
+        return rest if self.passthrough or self.undecided else self._plain(rest)
 
     def _emit(self, s: str) -> str:
         if s:
@@ -182,11 +206,19 @@ class ChatSession:
         ids = self.tok.encode_prompt(msgs, tools=self.tools or None, thinking=self.opened)
         return [int(i) for i in ids]
 
+    def reasons(self, reply: str) -> bool:
+        """Is `reply` a reasoning one: always in reason mode, in chat mode if it thinks."""
+        return self.mode == "reason" or (self.mode == "chat" and starts_thinking(reply))
+
     def answer(self, reply: str) -> str:
-        """What goes back into the history: the answer alone in reason mode."""
-        if self.mode != "reason":
-            return reply
-        return parse_reasoning(reply, self.template, self.opened).answer
+        """What goes back into the history: the answer alone of a reasoning reply, any other
+        as is, and never a reasoning tag: tags in the history teach the model to open its
+        next reply with them (a demo model's second chat turn read `<think>\n</answer>`)."""
+        if self.reasons(reply):
+            reply = parse_reasoning(reply, self.template, self.opened).answer
+        for tag in TAGS:
+            reply = reply.replace(tag, "")
+        return reply
 
     def record(self, user: str, reply: str, pending: list[dict] | None = None) -> None:
         if self.mode == "pretrain" or self.history == 0:
@@ -197,8 +229,9 @@ class ChatSession:
 
 def _pieces(stream: Iterator[str], session: ChatSession) -> Iterator[str]:
     view = None
-    if session.mode == "reason":
-        view = ReasonView(session.opened, answer_after_think=session.template == "chatml")
+    if session.mode != "pretrain":
+        chatml, detect = session.template == "chatml", session.mode == "chat"
+        view = ReasonView(session.opened, answer_after_think=chatml, detect=detect)
     for piece in stream:
         yield view.feed(piece) if view else piece
     if view:
@@ -407,7 +440,7 @@ def _cmd_chat(args) -> int:
         if args.json:
             text, finish = reply_to(session, gen, user, cfg)
             rec = {"prompt": user, "reply": text, "finish": finish}
-            if args.mode == "reason":
+            if session.reasons(text):
                 r = parse_reasoning(text, tok.template, session.opened)
                 rec.update(think=r.think, answer=r.answer, well_formed=r.well_formed)
             print(json.dumps(rec, ensure_ascii=False), flush=True)
