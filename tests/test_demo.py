@@ -49,7 +49,25 @@ def test_reduced_demo_writes_scorecard_report_and_loss_curves(fast_demo):
     for stage in STAGE_DATA:
         assert (out / f"loss_{stage}.png").is_file()
         assert f"loss_{stage}.png" in report
-    assert {s["mode"] for s in card["samples"]} == {"pretrain", "chat", "reason"}
+    # Samples are the first eval items of every task and split, marked right or wrong.
+    tasks = {(s["task"], s["split"]) for s in card["samples"]}
+    assert {t for t, _ in tasks} == {"fact", "identity", "arith", "recall"}
+    assert ("fact", "unseen_family") in tasks and ("fact", "new_pairing") in tasks
+    assert report.count("✓") + report.count("✗") == len(card["samples"])
+    assert card["continuation"]["reply"]
+
+
+@pytest.mark.slow
+def test_reduced_demo_scores_every_column_per_split_and_saves_every_reply(fast_demo):
+    out, card = fast_demo
+    final = card["stages"][-1]
+    for key in ("fact_accuracy", "fact_new_pairing", "identity", "arithmetic_accuracy", "recall"):
+        assert final[key] is not None, key
+    splits = final["extra"]["by_split"]
+    assert set(splits["fact"]) == {"unseen_family", "new_pairing"}
+    assert splits["fact"]["unseen_family"]["contains"] == final["fact_accuracy"]
+    rows = json.loads((out / f"eval_{final['stage']}.json").read_text())
+    assert len(rows) == sum(t["n"] for t in final["extra"]["by_task"].values())
 
 
 @pytest.fixture(scope="module")
@@ -76,4 +94,4 @@ def test_reduced_chatml_demo_chains_learns_the_format_and_scores_tool_use(chatml
     tool = stages[-1]["extra"]["by_task"]["tool"]
     assert tool["n"] == 60  # one per held-out arithmetic pair
     assert "tool use" in (out / "report.md").read_text()
-    assert {s["mode"] for s in card["samples"]} == {"pretrain", "chat", "reason", "tool"}
+    assert {s["task"] for s in card["samples"]} == {"fact", "identity", "arith", "recall", "tool"}

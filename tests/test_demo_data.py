@@ -121,13 +121,18 @@ def test_long_sft_conversations_are_mostly_512_to_1024_tokens(small, tokenizer):
     assert max(short) <= 512
 
 
+def _last(rec: dict, role: str) -> str:
+    return [m["content"] for m in rec["conversations"] if m["role"] == role][-1]
+
+
 def test_eval_answer_keys_agree_with_the_fact_table_and_arithmetic(full):
     facts = {f.id: f for f in FACTS}
-    tasks = {"fact": 0, "identity": 0, "arith": 0}
+    tasks = {"fact": 0, "identity": 0, "arith": 0, "recall": 0}
     for rec in full["eval"]:
         tasks[rec["task"]] += 1
-        user, ref = (m["content"] for m in rec["conversations"])
+        user, ref = _last(rec, "user"), _last(rec, "assistant")
         assert user and rec["answer"] in ref
+        assert rec["split"] in ("unseen_family", "new_pairing")
         if rec["task"] == "fact":
             f = facts[rec["id"]]
             assert rec["answer"] == (f.en_answer if rec["lang"] == "en" else f.answer)
@@ -136,12 +141,48 @@ def test_eval_answer_keys_agree_with_the_fact_table_and_arithmetic(full):
             assert rec["answer"] == str(apply_op(op, int(a), int(b)))
             m = REASONING.match(ref)
             assert m and m.group(2) == rec["answer"]
+        elif rec["task"] == "recall":
+            # The value was stated in the first turn and is asked for turns later.
+            assert rec["answer"] in rec["conversations"][0]["content"]
+            assert len(rec["conversations"]) >= 8
         else:
             assert rec["answer"] == demo_data.IDENTITY_NAME
-    assert tasks["fact"] >= len(FACTS) and tasks["arith"] >= 40 and tasks["identity"] >= 3
+    assert tasks["fact"] >= 2 * len(FACTS) and tasks["arith"] >= 60 and tasks["identity"] >= 8
+    assert tasks["recall"] >= 30
     # Known facts stay true (the table is real, not invented).
     assert facts["capital:法国"].answer == "巴黎" and facts["year:登月"].answer == "1969年"
     assert 40 <= len(FACTS) <= 80
+
+
+NUM_LINE = re.compile(r"(\d+) ([-+]) (\d+)(?: ([-+]) (\d+))? = (\d+)")
+
+
+@pytest.mark.parametrize("en", [False, True])
+def test_every_trace_line_is_true_and_the_answer_follows_from_the_last(en):
+    """Digit by digit: each equation in a trace holds, the carried or borrowed digit is
+    the one the next line uses, and the digits put together are the value."""
+    for op, a, b in [("+", 47, 38), ("+", 99, 99), ("+", 3, 5), ("+", 52, 7), ("-", 62, 27),
+                     ("-", 90, 9), ("-", 55, 51), ("×", 7, 4), ("×", 2, 9)]:  # fmt: skip
+        lines = demo_data.trace(op, a, b, en)
+        v = apply_op(op, a, b)
+        assert lines[-1].rstrip("。.").endswith(str(v)), lines
+        if op == "×":
+            count = min(a, b)
+            assert len(lines) == count + 1 and lines[-1].endswith(str(v))
+            continue
+        for line in lines[:2]:
+            m = NUM_LINE.search(line)
+            assert m, line
+            x, o1, y, o2, z, r = m.groups()
+            val = int(x) + int(y) if o1 == "+" else int(x) - int(y)
+            if o2:
+                val = val + int(z) if o2 == "+" else val - int(z)
+            assert val == int(r), line
+        carried = any(w in lines[0] for w in ("进 1", "carry 1", "借 1", "borrow 1"))
+        # The tens line uses the carry (+ 1) or the borrow (- 1) exactly when the ones made one.
+        assert carried == ("+ 1 =" in lines[1] or "- 1 -" in lines[1]), lines
+        digits_sum = (a % 10 + b % 10) if op == "+" else (a % 10 - b % 10)
+        assert carried == (digits_sum >= 10 if op == "+" else digits_sum < 0), lines
 
 
 def test_eval_prompts_never_occur_in_training_but_their_facts_do(full):
@@ -156,9 +197,15 @@ def test_eval_prompts_never_occur_in_training_but_their_facts_do(full):
         [r["text"] for r in full["pretrain"]]
         + [m["content"] for n in TRAIN for r in full[n] for m in r["conversations"]]
     )
+    held_forms = {form for _, held in demo_data.QUESTIONS.values() for form in held}
     facts = {f.id: f for f in FACTS}
     for rec in full["eval"]:
-        prompt = rec["conversations"][0]["content"]
+        prompt = _last(rec, "user")
+        if rec["task"] == "recall":
+            if not rec["id"].startswith("recall:city"):
+                # Held-out names and numbers: no training turn of a user states them.
+                assert not any(rec["answer"] in u for u in train_users), rec["answer"]
+            continue
         assert prompt not in train_users
         assert prompt not in train_text
         if rec["task"] == "fact":
@@ -172,9 +219,39 @@ def test_eval_prompts_never_occur_in_training_but_their_facts_do(full):
             for form in (
                 rf"{a} \{op} {b} =" if op == "+" else rf"{a} {op} {b} =",
                 rf"{a}{word}{b}等于",
+                rf"{a} {op} {b} 就是",
             ):
                 # Unseen numbers: the pair is never worked in training, in any form.
                 assert not re.search(rf"(?<!\d){form}", train_text), rec["expr"]
+    # Unseen families: no training question uses a held-out form, with any topic.
+    for form in held_forms:
+        pattern = re.escape(form).replace(re.escape("{t}"), ".+")
+        assert not any(re.search(pattern, u) for u in train_users), form
+
+
+def test_long_sft_dialogues_ask_later_for_what_the_user_stated_earlier(full):
+    asks = {q for spec in demo_data.RECALL_SLOTS.values() for q in spec["ask"][0]}
+    with_recall = 0
+    for rec in full["sft_1024"]:
+        msgs = rec["conversations"]
+        for i, m in enumerate(msgs):
+            if m["role"] == "user" and m["content"] in asks:
+                with_recall += 1
+                reply = msgs[i + 1]["content"]
+                stated = "\n".join(x["content"] for x in msgs[:i] if x["role"] == "user")
+                assert i >= 4  # at least two other exchanges in between
+                value = reply.split("是")[-1].split("叫")[-1].strip("。")
+                assert value and value in stated, (reply, stated[:200])
+    assert with_recall >= 0.6 * len(full["sft_1024"])
+
+
+def test_distillation_mixes_facts_and_identity_with_the_arithmetic(full):
+    kinds = {"arith": 0, "other": 0}
+    for rec in full["r1_1024"]:
+        q = rec["conversations"][0]["content"]
+        kinds["arith" if re.search(r"\d", q) else "other"] += 1
+    share = kinds["other"] / len(full["r1_1024"])
+    assert 0.3 < share < 0.6, share
 
 
 def test_corpus_is_chinese_first_with_some_english(full):

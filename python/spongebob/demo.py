@@ -1,11 +1,13 @@
 """`spongebob demo`: the whole path on generated data, on a CPU, in minutes.
 
-data → tokenizer → pretrain → SFT → long SFT → distill, with an evaluation after every stage
-and sample chats at the end. The point is proof, not a good model: the scorecard shows what
-each stage taught (facts after SFT, the reasoning format after distillation) on held-out
-wordings and unseen numbers from `eval.jsonl`.
+data → tokenizer → pretrain → SFT → long SFT → distill, with an evaluation after every stage.
+The point is proof: the scorecard shows what each stage taught, on held-out items of
+`eval.jsonl` (facts and identity in unseen wording families and as new pairings, arithmetic on
+unseen number pairs and stories, multi-turn recall of held-out names and numbers), each score
+next to the previous stage's; report.md shows the first eval items of every task, right or
+wrong, and eval_<stage>.json every reply.
 
-The stage settings below are presets as data, sized for a 2-core machine; `--fast` is the
+The stage settings below are presets as data, sized for a 2-core machine; `--plan fast` is the
 reduced run the CI test uses.
 """
 
@@ -47,7 +49,7 @@ class DemoPlan:
     preset: str
     stages: dict[str, DemoStage]
     eval_limit: int | None = None  # eval records scored per stage (None = all)
-    max_new_tokens: int = 96
+    max_new_tokens: int = 160  # the longest trace (8 × 9) is ~110 tokens
 
 
 PLANS: dict[str, DemoPlan] = {
@@ -58,8 +60,8 @@ PLANS: dict[str, DemoPlan] = {
         stages={
             "pretrain": DemoStage(seq_len=256, batch_size=16, lr=3e-3, epochs=2, warmup=20),
             "sft": DemoStage(seq_len=256, batch_size=16, lr=2e-3, epochs=2, warmup=10),
-            "sft-long": DemoStage(seq_len=512, batch_size=8, lr=3e-4, max_steps=20),
-            "distill": DemoStage(seq_len=512, batch_size=8, lr=1e-3, epochs=3, warmup=10),
+            "sft-long": DemoStage(seq_len=1024, batch_size=4, lr=1e-3, epochs=1, warmup=10),
+            "distill": DemoStage(seq_len=512, batch_size=8, lr=1e-3, epochs=2, warmup=10),
         },
     ),
     "fast": DemoPlan(
@@ -72,9 +74,23 @@ PLANS: dict[str, DemoPlan] = {
             "sft-long": DemoStage(seq_len=256, batch_size=4, lr=5e-4, max_steps=5),
             "distill": DemoStage(seq_len=256, batch_size=8, lr=3e-3, max_steps=300, warmup=10),
         },
-        max_new_tokens=64,
+        max_new_tokens=128,
     ),
 }
+
+
+# Scorecard columns: (StageScore field, eval task, split, heading). A split of None reads the
+# task as a whole. Generalisation is scored on wording families no training file contains.
+COLUMNS = [
+    ("fact_accuracy", "fact", "unseen_family", "facts"),
+    ("fact_new_pairing", "fact", "new_pairing", "facts (new pairing)"),
+    ("identity", "identity", None, "identity"),
+    ("reasoning_format", "arith", None, "reasoning format"),
+    ("arithmetic_accuracy", "arith", "unseen_family", "arithmetic"),
+    ("recall", "recall", "unseen_family", "recall"),
+    ("tool_use", "tool", None, "tool use"),
+]
+SAMPLES_PER_TASK = 3  # report.md shows the first N eval items of each task, right or wrong
 
 
 @dataclass
@@ -82,12 +98,16 @@ class StageScore:
     stage: str
     steps: int = 0
     wall_s: float = 0.0
+    eval_s: float = 0.0
     tokens_per_s: float | None = None
     final_loss: float | None = None
     perplexity: float | None = None
-    fact_accuracy: float | None = None
+    fact_accuracy: float | None = None  # unseen wording families
+    fact_new_pairing: float | None = None  # a known wording with a fact it never asked
+    identity: float | None = None
     reasoning_format: float | None = None
-    arithmetic_accuracy: float | None = None
+    arithmetic_accuracy: float | None = None  # unseen number pairs in unseen stories
+    recall: float | None = None  # multi-turn: a later turn needs an earlier one
     tool_use: float | None = None  # chatml demo: the reply calls calc correctly
     checkpoint: str | None = None
     init: str | None = None
@@ -106,60 +126,48 @@ def _metrics(stage_dir: Path) -> list[dict]:
 
 
 def _score(model, tok, eval_file: Path, plan: DemoPlan) -> dict:
+    """Every scorecard column of one model, plus its eval rows (each reply, scored)."""
     from spongebob.evaluate import evaluate
     from spongebob.generate import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=plan.max_new_tokens, temperature=0.0)
     result = evaluate(model, tok, [eval_file], cfg, limit=plan.eval_limit)
     entry = next(iter(result["files"].values()))
-    by_task = entry.get("answers", {}).get("summary", {}).get("by_task", {})
+    summary = entry.get("answers", {}).get("summary", {})
+    by_task, by_split = summary.get("by_task", {}), summary.get("by_split", {})
 
-    def get(task: str, key: str) -> float | None:
-        return by_task.get(task, {}).get(key)
+    def get(task: str, split: str | None, key: str) -> float | None:
+        scores = by_task.get(task, {}) if split is None else by_split.get(task, {}).get(split, {})
+        return scores.get(key)
 
     ppl = entry.get("perplexity")
-    return {
-        "perplexity": ppl.get("ppl") if isinstance(ppl, dict) else ppl,
-        "fact_accuracy": get("fact", "contains"),
-        "reasoning_format": get("arith", "well_formed"),
-        "arithmetic_accuracy": get("arith", "contains"),
-        "tool_use": get("tool", "contains"),
-        "by_task": by_task,
-    }
+    out: dict[str, Any] = {"perplexity": ppl.get("ppl") if isinstance(ppl, dict) else ppl}
+    for name, task, split, _ in COLUMNS:
+        out[name] = get(task, split, "well_formed" if name == "reasoning_format" else "contains")
+    out["by_task"], out["by_split"] = by_task, by_split
+    out["rows"] = entry.get("answers", {}).get("rows", [])
+    return out
 
 
-def _samples(pretrained, model, tok, plan: DemoPlan) -> list[dict]:
-    """One sample per chat mode (greedy, so the report is reproducible): raw continuation by
-    the pretrained model, chat and reasoning by the final one."""
-    from spongebob.generate import Generator, SamplingConfig, parse_reasoning
-    from spongebob.tools import CALC_SCHEMA
+def _continuation(pretrained, tok, plan: DemoPlan) -> dict:
+    """The pretrained model continuing raw text (greedy): what pretraining alone teaches."""
+    from spongebob.generate import Generator, SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=plan.max_new_tokens, temperature=0.0)
-    chatml = tok.template == "chatml"
-    out = []
     raw = "法国的首都是"
     ids = [int(i) for i in tok.encode_document(raw)][:-1]  # <s> + text, no </s>
-    text = Generator(pretrained, tok).generate([ids], cfg)[0].text
-    out.append({"mode": "pretrain", "prompt": raw, "reply": text})
-    gen = Generator(model, tok)
-    prompts = [
-        ("chat", "你是谁？"),
-        ("chat", "日本的首都是哪里？"),
-        ("reason", "小明有12个苹果，又买了7个，现在一共有几个？"),
-    ]
-    if chatml:
-        prompts.append(("tool", "请用计算器算一下 23×47。"))
-    for mode, q in prompts:
-        msgs = [{"role": "user", "content": q}]
-        opened = chatml and mode == "reason"  # chatml reasons inside an open think block
-        kw = {"tools": [CALC_SCHEMA]} if mode == "tool" else {}
-        ids = [int(i) for i in tok.encode_prompt(msgs, thinking=opened, **kw)]
-        text = gen.generate([ids], cfg)[0].text
-        rec: dict[str, Any] = {"mode": mode, "prompt": q, "reply": text}
-        if mode == "reason":
-            r = parse_reasoning(text, tok.template, opened)
-            rec.update(think=r.think, answer=r.answer, well_formed=r.well_formed)
-        out.append(rec)
+    return {"prompt": raw, "reply": Generator(pretrained, tok).generate([ids], cfg)[0].text}
+
+
+def first_rows(rows: list[dict], n: int = SAMPLES_PER_TASK) -> list[dict]:
+    """The first `n` eval rows of each task and split, in file order: samples nobody picked."""
+    out: list[dict] = []
+    seen: dict[tuple, int] = {}
+    for r in sorted(rows, key=lambda r: r["line"]):
+        key = (r["task"], r.get("split"))
+        if seen.get(key, 0) < n:
+            seen[key] = seen.get(key, 0) + 1
+            out.append({k: r[k] for k in ("task", "split", "prompt", "reply", "contains")})
     return out
 
 
@@ -241,33 +249,37 @@ def run_demo(
         model, meta = loaded.model, loaded.meta
         if stage == "pretrain":
             pretrained = model
+        t_eval = time.perf_counter()
         s = _score(model, tok, files["eval"], plan)
+        (out / f"eval_{stage}.json").write_text(
+            json.dumps(s["rows"], ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+        )
         score = StageScore(
             stage=stage,
             steps=result.step,
             wall_s=round(wall, 1),
+            eval_s=round(time.perf_counter() - t_eval, 1),
             tokens_per_s=round(sum(toks) / len(toks), 1) if toks else None,
             final_loss=result.loss,
-            perplexity=s["perplexity"],
-            fact_accuracy=s["fact_accuracy"],
-            reasoning_format=s["reasoning_format"],
-            arithmetic_accuracy=s["arithmetic_accuracy"],
-            tool_use=s["tool_use"],
             checkpoint=str(result.final),
             init=meta.get("init"),
-            extra={"by_task": s["by_task"]},
+            extra={"by_task": s["by_task"], "by_split": s["by_split"]},
+            **{k: s[k] for k in ("perplexity", *(c[0] for c in COLUMNS))},
         )
         scores.append(score)
-        log(f"stage {stage} done in {wall:.0f}s: {untrained_summary(s)}")
-    samples = _samples(pretrained, model, tok, plan)
+        log(f"stage {stage}: trained {wall:.0f}s, eval {score.eval_s:.0f}s: {untrained_summary(s)}")
+    samples = first_rows(s["rows"])
     card = {
         "plan": plan_name,
         "template": template,
         "seed": seed,
         "wall_s": round(time.perf_counter() - t_all, 1),
         "tokenizer": {"vocab_size": tok.vocab_size, "wall_s": round(tok_s, 1)},
-        "untrained": {k: v for k, v in untrained.items() if k != "by_task"},
+        "untrained": {
+            k: v for k, v in untrained.items() if k not in ("by_task", "by_split", "rows")
+        },
         "stages": [asdict(s) for s in scores],
+        "continuation": _continuation(pretrained, tok, plan),
         "samples": samples,
     }
     (out / "scorecard.json").write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n")
@@ -275,55 +287,60 @@ def run_demo(
     return card
 
 
+def _columns(card_or_scores) -> list[tuple]:
+    """The columns that have a score somewhere (tool use only in the chatml demo)."""
+    return [c for c in COLUMNS if any(s.get(c[0]) is not None for s in card_or_scores)]
+
+
 def untrained_summary(s: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
 
     ppl = s.get("perplexity")
-    tool = "" if s.get("tool_use") is None else f", tool use {pct(s['tool_use'])}"
-    return (f"ppl {ppl:.1f} " if isinstance(ppl, (int, float)) else "") + (
-        f"facts {pct(s.get('fact_accuracy'))}, reasoning format {pct(s.get('reasoning_format'))}, "
-        f"arithmetic {pct(s.get('arithmetic_accuracy'))}{tool}"
-    )
+    head = f"ppl {ppl:.1f}, " if isinstance(ppl, (int, float)) else ""
+    return head + ", ".join(f"{c[3]} {pct(s.get(c[0]))}" for c in _columns([s]))
 
 
 def format_scorecard(card: dict) -> str:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
+    """The markdown table: one row a stage, each score with its change from the row above."""
+
+    def pct(x, prev=None):
+        if x is None:
+            return "-"
+        if prev is None:
+            return f"{100 * x:.1f}%"
+        return f"{100 * x:.1f}% ({100 * (x - prev):+.1f})"
 
     def num(x, f="{:.3f}"):
         return "-" if x is None else f.format(x)
 
-    tools = any(s.get("tool_use") is not None for s in card["stages"])
-    head = (
-        "| stage | steps | wall s | tokens/s | final loss | eval ppl | facts | "
-        "reasoning format | arithmetic |" + (" tool use |" if tools else "")
-    )
-    lines = [head, "|" + "---|" * (10 if tools else 9)]
-
-    def tool(x) -> str:
-        return f" {pct(x.get('tool_use'))} |" if tools else ""
-
-    u = card["untrained"]
-    lines.append(
-        f"| (untrained) | 0 | - | - | - | {num(u['perplexity'], '{:.1f}')} | "
-        f"{pct(u['fact_accuracy'])} | {pct(u['reasoning_format'])} | "
-        f"{pct(u['arithmetic_accuracy'])} |" + tool(u)
-    )
-    for s in card["stages"]:
+    rows = [{"stage": "(untrained)", "steps": 0, **card["untrained"]}, *card["stages"]]
+    cols = _columns(rows)
+    head = "| stage | steps | train s | eval s | final loss | eval ppl | "
+    lines = [head + " | ".join(c[3] for c in cols) + " |", "|" + "---|" * (6 + len(cols))]
+    prev: dict = {}
+    for s in rows:
+        wall = "-" if "wall_s" not in s else f"{s['wall_s']:.0f}"
+        ev = "-" if "eval_s" not in s else f"{s['eval_s']:.0f}"
+        cells = [pct(s.get(c[0]), prev.get(c[0])) for c in cols]
         lines.append(
-            f"| {s['stage']} | {s['steps']} | {s['wall_s']:.0f} | "
-            f"{num(s['tokens_per_s'], '{:.0f}')} | {num(s['final_loss'])} | "
-            f"{num(s['perplexity'], '{:.1f}')} | "
-            f"{pct(s['fact_accuracy'])} | {pct(s['reasoning_format'])} | "
-            f"{pct(s['arithmetic_accuracy'])} |" + tool(s)
+            f"| {s['stage']} | {s['steps']} | {wall} | {ev} | {num(s.get('final_loss'))} | "
+            f"{num(s.get('perplexity'), '{:.1f}')} | " + " | ".join(cells) + " |"
         )
+        prev = s
     return "\n".join(lines)
 
 
 def write_report(out: Path, card: dict, run: Path) -> None:
-    """report.md with the scorecard, loss curves (PNG) and the sample chats."""
+    """report.md: the scorecard, loss curves (PNG), and the first eval items of each task as
+    the final model answered them, marked right or wrong."""
     parts = ["# SpongeBob demo report", "", format_scorecard(card), ""]
+    parts.append(
+        "Scores are on held-out items: *facts*, *arithmetic* and *recall* in wording families "
+        "no training file contains (*facts (new pairing)*: a training wording with a fact it "
+        "never asks), on number pairs and names never trained. In brackets: the change from "
+        "the stage above.\n"
+    )
     try:
         import matplotlib
 
@@ -347,10 +364,19 @@ def write_report(out: Path, card: dict, run: Path) -> None:
         parts.append("")
     except ImportError:
         parts.append("(matplotlib is not installed: no loss curves)\n")
-    parts.append("## Samples (greedy; pretrain mode by the pretrained model, the rest final)\n")
+    final = card["stages"][-1]["stage"]
+    parts.append(
+        f"## Samples: the first {SAMPLES_PER_TASK} eval items of each task and split, "
+        f"answered greedily by the {final} model (all replies: `eval_{final}.json`)\n"
+    )
     for smp in card["samples"]:
-        parts.append(f"**{smp['mode']}** — {smp['prompt']}\n")
+        mark = "✓" if smp["contains"] else "✗"
+        split = f", {smp['split']}" if smp.get("split") else ""
+        parts.append(f"**{mark} {smp['task']}{split}** — {smp['prompt']}\n")
         parts.append("```\n" + smp["reply"] + "\n```\n")
+    c = card["continuation"]
+    parts.append(f"**pretrained model, raw continuation** — {c['prompt']}\n")
+    parts.append("```\n" + c["reply"] + "\n```\n")
     (out / "report.md").write_text("\n".join(parts), encoding="utf-8")
 
 
@@ -381,5 +407,6 @@ def _cmd_demo(args) -> int:
         f"report: {args.out / 'report.md'}"
     )
     for smp in card["samples"]:
-        print(f"\n[{smp['mode']}] {smp['prompt']}\n{smp['reply']}")
+        mark = "✓" if smp["contains"] else "✗"
+        print(f"\n{mark} [{smp['task']}] {smp['prompt']}\n{smp['reply']}")
     return 0

@@ -342,83 +342,132 @@ FACTS: list[Fact] = [
 
 
 # --- wordings -------------------------------------------------------------------------------
-# One pool of question wordings per kind. `generate` holds one wording out per fact (and per
-# language): eval asks the fact with it, training never does. Every wording still occurs in
-# training with other facts and every fact with other wordings, so eval measures whether the
-# model combines the two, not whether it has seen the exact string. `generate` also checks that
-# no eval prompt occurs verbatim in a training file.
+# Questions are composed from interchangeable parts: an opening, a question form with {t} for
+# the topic, and an ending. Forms come in two sets per kind: training forms, and held-out
+# forms (whole wording families) that only eval uses; openings likewise. Eval asks every fact
+# twice: in an unseen family (held-out opening + held-out form) and as a new pairing (a
+# training form this fact is never asked with in training). So eval measures whether the
+# model combines a wording it knows, or one it has never seen, with a fact it learned
+# elsewhere, not whether it has seen the exact string. The held-out pieces are made of words
+# training uses elsewhere ("…在哪儿" after "…在哪里", "Excuse me" never seen but plain words).
+
+FACT_OPENINGS = {
+    "zh": (
+        [
+            "",
+            "",
+            "",
+            "请问",
+            "你好，",
+            "我想问一下，",
+            "问一下，",
+            "麻烦告诉我，",
+            "考考你：",
+            "嗨，",
+        ],
+        ["劳驾，", "打扰一下，", "老师，请问"],
+    ),
+    "en": (["", "", "Hi, ", "Hey, ", "Quick question: ", "Hello! "], ["Excuse me, ", "Sorry, "]),
+}
+FACT_ENDINGS = {"zh": ["？", "?", "", "呢？"], "en": ["?", ""]}
 
 QUESTIONS = {
-    "capital": [
-        "{t}的首都是哪里？",
-        "{t}的首都是什么？",
-        "请问{t}的首都是哪座城市？",
-        "{t}的首都叫什么名字？",
-        "告诉我{t}的首都。",
-        "你知道{t}的首都吗？",
-        "{t}的首都是哪个城市？",
-        "哪座城市是{t}的首都？",
-        "我想知道{t}的首都是哪个城市。",
-        "能说一下{t}的首都吗？",
-    ],
-    "thing": [
-        "{t}是什么？",
-        "请问{t}是什么？",
-        "你知道{t}是什么吗？",
-        "告诉我{t}是什么。",
-        "{t}是哪个？",
-        "{t}叫什么？",
-        "我想知道{t}是什么。",
-        "能说一下{t}是什么吗？",
-    ],
-    "who": [
-        "{t}是谁？",
-        "请问{t}是谁？",
-        "你知道{t}是谁吗？",
-        "告诉我{t}是谁。",
-        "{t}叫什么名字？",
-        "我想知道{t}是谁。",
-        "能说一下{t}是谁吗？",
-    ],
-    "year": [
-        "{t}是在哪一年？",
-        "{t}是哪一年？",
-        "请问{t}是在哪一年？",
-        "你知道{t}是哪一年吗？",
-        "{t}是什么时候？",
-        "我想知道{t}是哪一年。",
-        "能说一下{t}是哪一年吗？",
-    ],
+    "capital": (
+        [
+            "{t}的首都是哪里",
+            "{t}的首都是什么",
+            "{t}的首都是哪座城市",
+            "{t}的首都叫什么名字",
+            "告诉我{t}的首都",
+            "你知道{t}的首都吗",
+            "{t}的首都是哪个城市",
+            "哪座城市是{t}的首都",
+            "我想知道{t}的首都是哪个城市",
+            "能说一下{t}的首都吗",
+            "{t}的首都在哪里",
+            "说说{t}的首都",
+        ],
+        ["{t}的首都在哪儿", "哪个城市是{t}的首都", "你能告诉我{t}的首都是哪里吗"],
+    ),
+    "thing": (
+        [
+            "{t}是什么",
+            "你知道{t}是什么吗",
+            "告诉我{t}是什么",
+            "{t}是哪个",
+            "{t}叫什么",
+            "我想知道{t}是什么",
+            "能说一下{t}是什么吗",
+            "说说{t}是什么",
+            "{t}指的是什么",
+        ],
+        ["{t}到底是什么", "你能告诉我{t}是什么吗", "谁知道{t}是什么"],
+    ),
+    "who": (
+        [
+            "{t}是谁",
+            "你知道{t}是谁吗",
+            "告诉我{t}是谁",
+            "{t}叫什么名字",
+            "我想知道{t}是谁",
+            "能说一下{t}是谁吗",
+            "说说{t}是谁",
+            "{t}是哪一位",
+        ],
+        ["{t}到底是谁", "你能告诉我{t}是谁吗", "谁知道{t}是谁"],
+    ),
+    "year": (
+        [
+            "{t}是在哪一年",
+            "{t}是哪一年",
+            "你知道{t}是哪一年吗",
+            "{t}是什么时候",
+            "我想知道{t}是哪一年",
+            "能说一下{t}是哪一年吗",
+            "说说{t}是在哪一年",
+            "{t}发生在哪一年",
+        ],
+        ["{t}到底是哪一年", "你能告诉我{t}是在哪一年吗", "谁知道{t}是哪一年"],
+    ),
 }
 
 EN_QUESTIONS = {
-    "capital": [
-        "What is the capital of {t}?",
-        "Which city is the capital of {t}?",
-        "Tell me the capital of {t}.",
-        "Do you know the capital of {t}?",
-        "Name the capital city of {t}.",
-        "What city is the capital of {t}?",
-    ],
-    "thing": [
-        "What is {t}?",
-        "Tell me what {t} is.",
-        "Do you know what {t} is?",
-        "Could you tell me what {t} is?",
-    ],
-    "who": [
-        "Who is {t}?",
-        "Tell me who {t} is.",
-        "Do you know who {t} is?",
-        "Could you tell me who {t} is?",
-    ],
-    "year": [
-        "Tell me the year when {t}.",
-        "Do you know the year when {t}?",
-        "Could you tell me the year when {t}?",
-        "What was the year when {t}?",
-    ],
+    "capital": (
+        [
+            "what is the capital of {t}",
+            "which city is the capital of {t}",
+            "tell me the capital of {t}",
+            "do you know the capital of {t}",
+            "name the capital city of {t}",
+            "what city is the capital of {t}",
+        ],
+        ["could you tell me the capital of {t}", "what is the capital city of {t}"],
+    ),
+    "thing": (
+        ["what is {t}", "tell me what {t} is", "do you know what {t} is", "name {t}"],
+        ["could you tell me what {t} is"],
+    ),
+    "who": (
+        ["who is {t}", "tell me who {t} is", "do you know who {t} is", "name {t}"],
+        ["could you tell me who {t} is"],
+    ),
+    "year": (
+        [
+            "tell me the year when {t}",
+            "do you know the year when {t}",
+            "what was the year when {t}",
+            "in which year {t}",
+        ],
+        ["could you tell me the year when {t}"],
+    ),
 }
+
+
+def compose(opening: str, form: str, ending: str, topic: str, en: bool) -> str:
+    """One question from its parts; English starts with a capital letter."""
+    text = opening + form.format(t=topic) + ending
+    return text[0].upper() + text[1:] if en else text
+
 
 ANSWERS = {
     "capital": ["{t}的首都是{a}。", "{a}。{t}的首都是{a}。", "是{a}。"],
@@ -479,31 +528,19 @@ GREETING_ANSWERS = [
     "你好呀！我是 SpongeBob，有什么问题都可以问我。",
 ]
 EN_GREETING_ANSWERS = ["Hello! I'm SpongeBob. What can I do for you today?"]
-# (training wordings, held-out wordings): the held-out ones are made of pieces that training
-# uses elsewhere ("请问…", "能…吗", "Could you …"), never of words the model has not seen.
-IDENTITY_QUESTIONS = (
-    [
-        "你是谁？",
-        "你是谁",
-        "你叫什么名字？",
-        "介绍一下你自己。",
-        "你是什么？",
-        "请问你是谁？",
-        "请做个自我介绍。",
-        "你的名字叫什么？",
-    ],
-    ["请问你叫什么名字？", "你好，你是谁？", "能介绍一下你自己吗？"],
-)
-EN_IDENTITY_QUESTIONS = (
-    [
-        "Who are you?",
-        "What is your name?",
-        "Introduce yourself.",
-        "What are you?",
-        "Please introduce yourself.",
-    ],
-    ["Hello, who are you?", "Could you introduce yourself?"],
-)
+# Identity questions: (training forms, held-out forms), composed with the fact openings.
+IDENTITY_FORMS = {
+    "zh": (
+        ["你是谁", "你叫什么名字", "介绍一下你自己", "你是什么", "请做个自我介绍", "你的名字叫什么",
+         "你是哪位", "怎么称呼你"],
+        ["你到底是谁", "你能介绍一下你自己吗", "我该怎么称呼你"],
+    ),
+    "en": (
+        ["who are you", "what is your name", "introduce yourself", "what are you",
+         "please introduce yourself", "tell me about yourself"],
+        ["could you introduce yourself", "who am I talking to"],
+    ),
+}  # fmt: skip
 GREETINGS = ["你好", "你好！", "您好", "嗨", "早上好", "晚上好", "哈喽"]
 EN_GREETINGS = ["Hello", "Hi!", "Good morning"]
 THANKS = [
@@ -570,6 +607,11 @@ def answer_sentence(fact: Fact, en: bool = False, template: int = 0) -> str:
 
 
 # --- arithmetic ----------------------------------------------------------------------------
+# Sums and differences of numbers to 99 and the times tables to 9. Every problem is worked in
+# a trace a small model can execute line by line: the expression, then digit by digit with
+# the carry or borrow written out (products as a count of equal groups), then the digits put
+# together. Each line follows from the one before and from single-digit facts the corpus
+# teaches everywhere, so a number pair the model has never seen is worked the same way.
 
 
 @dataclass(frozen=True)
@@ -595,69 +637,190 @@ def apply_op(op: str, a: int, b: int) -> int:
     return {"+": a + b, "-": a - b, "×": a * b}[op]
 
 
-def all_pairs() -> list[tuple[str, int, int]]:
-    """Every (op, a, b) the demo uses: sums and differences to 30, times tables to 9."""
-    pairs = [("+", a, b) for a in range(1, 31) for b in range(1, 31)]
-    pairs += [("-", a, b) for a in range(2, 31) for b in range(1, a)]
-    pairs += [("×", a, b) for a in range(2, 10) for b in range(2, 10)]
-    return pairs
+def all_pairs() -> dict[str, list[tuple[str, int, int]]]:
+    """Every (op, a, b) the demo uses, by operator: sums of two numbers 1–99, differences
+    a - b with 99 ≥ a > b ≥ 1, products of 2–9 by 2–9."""
+    return {
+        "+": [("+", a, b) for a in range(1, 100) for b in range(1, 100)],
+        "-": [("-", a, b) for a in range(2, 100) for b in range(1, a)],
+        "×": [("×", a, b) for a in range(2, 10) for b in range(2, 10)],
+    }
 
 
-def _problem(op: str, a: int, b: int, rng: random.Random, en: bool) -> Problem:
-    """Word `a op b` as a story; the thinking walks the steps and ends with the result."""
-    value = apply_op(op, a, b)
-    if en:
-        n, item = _pick(rng, EN_NAMES), _pick(rng, EN_ITEMS)
-        if op == "+":
-            q = f"{n} has {a} {item} and gets {b} more. How many {item} does {n} have now?"
-            steps = [f"{n} starts with {a} {item}.", f"{n} gets {b} more, so we add."]
-        elif op == "-":
-            q = f"{n} has {a} {item} and gives away {b}. How many {item} are left?"
-            steps = [f"{n} starts with {a} {item}.", f"{n} gives away {b}, so we subtract."]
+def trace(op: str, a: int, b: int, en: bool = False) -> list[str]:
+    """The worked lines of `a op b` (the thinking without its first and last line)."""
+    colon, comma, stop = (": ", ", ", ".") if en else ("：", "，", "。")
+    if op == "×":
+        unit, count = max(a, b), min(a, b)
+        if en:
+            lines = [f"{a} × {b} is {count} groups of {unit}:"]
+            lines += [f"{k} group{'s' if k > 1 else ''} of {unit}: {k * unit}"
+                      for k in range(1, count + 1)]  # fmt: skip
         else:
-            q = f"There are {b} boxes with {a} {item} in each box. How many {item} are there?"
-            steps = [f"Each box holds {a} {item}.", f"There are {b} boxes, so we multiply."]
-        steps += [f"{a} {op} {b} = {value}.", f"So the answer is {value}."]
-        return Problem(op, a, b, q, "\n".join(steps))
-    n, m = rng.sample(NAMES, 2)
-    item, unit = _pick(rng, ITEMS)
+            lines = [f"{a} × {b} 就是 {count} 个 {unit}："]
+            lines += [f"{k} 个 {unit} 是 {k * unit}" for k in range(1, count + 1)]
+        return lines
+    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
+    ones, tens = ("Ones", "Tens") if en else ("个位", "十位")
     if op == "+":
-        q = _pick(
-            rng,
-            [
-                f"{n}有{a}{unit}{item}，{m}又给了{n}{b}{unit}，现在{n}一共有多少{unit}{item}？",
-                f"{n}先买了{a}{unit}{item}，后来又买了{b}{unit}，{n}一共买了多少{unit}{item}？",
-                f"盒子里有{a}{unit}{item}，又放进去{b}{unit}，盒子里现在有多少{unit}{item}？",
-            ],
-        )
-        steps = [f"原来有{a}{unit}{item}。", f"又增加了{b}{unit}，求一共有多少，要用加法。"]
-    elif op == "-":
-        q = _pick(
-            rng,
-            [
-                f"{n}有{a}{unit}{item}，送给{m}{b}{unit}，{n}还剩多少{unit}{item}？",
-                f"{n}有{a}{unit}{item}，用掉了{b}{unit}，还剩下多少{unit}？",
-                f"盒子里有{a}{unit}{item}，拿走了{b}{unit}，盒子里还有多少{unit}{item}？",
-            ],
-        )
-        steps = [f"原来有{a}{unit}{item}。", f"拿走了{b}{unit}，求还剩多少，要用减法。"]
+        s = a0 + b0
+        if s >= 10:
+            carry = f"write {s % 10}{comma}carry 1" if en else f"写 {s % 10}{comma}进 1"
+            first = f"{ones}{colon}{a0} + {b0} = {s}{comma}{carry}{stop}"
+            t, second = a1 + b1 + 1, f"{tens}{colon}{a1} + {b1} + 1 = {a1 + b1 + 1}{stop}"
+        else:
+            first = f"{ones}{colon}{a0} + {b0} = {s}{stop}"
+            t, second = a1 + b1, f"{tens}{colon}{a1} + {b1} = {a1 + b1}{stop}"
+        digit = s % 10
     else:
-        q = _pick(
-            rng,
+        if a0 < b0:
+            digit = a0 + 10 - b0
+            less = f"{a0} is less than {b0}" if en else f"{a0} 比 {b0} 小"
+            borrow = "borrow 1" if en else "借 1"
+            first = f"{ones}{colon}{less}{comma}{borrow}{comma}{a0 + 10} - {b0} = {digit}{stop}"
+            t, second = a1 - 1 - b1, f"{tens}{colon}{a1} - 1 - {b1} = {a1 - 1 - b1}{stop}"
+        else:
+            digit = a0 - b0
+            first = f"{ones}{colon}{a0} - {b0} = {digit}{stop}"
+            t, second = a1 - b1, f"{tens}{colon}{a1} - {b1} = {a1 - b1}{stop}"
+    v = apply_op(op, a, b)
+    join = f"{t} and {digit} make {v}." if en else f"{t} 和 {digit} 合起来是 {v}。"
+    return [first, second, join]
+
+
+# Word problems, composed: (training stories, held-out stories) per operator, each with {a}
+# and {b}, names {n} {m}, an item {i} and its measure word {u}. Held-out stories reuse the
+# cue words of their operator ("又" for +, "还剩" for -, "每" for ×).
+STORIES = {
+    "zh": {
+        "+": (
             [
-                f"每个盒子里有{a}{unit}{item}，一共有{b}个盒子，一共有多少{unit}{item}？",
-                f"{n}每天吃{a}{unit}{item}，{b}天一共吃多少{unit}{item}？",
-                f"{b}个小朋友每人有{a}{unit}{item}，他们一共有多少{unit}{item}？",
+                "{n}有{a}{u}{i}，{m}又给了{n}{b}{u}，现在{n}一共有多少{u}{i}？",
+                "{n}先买了{a}{u}{i}，后来又买了{b}{u}，{n}一共买了多少{u}{i}？",
+                "盒子里有{a}{u}{i}，又放进去{b}{u}，盒子里现在有多少{u}{i}？",
+                "{n}上午做了{a}{u}{i}，下午又做了{b}{u}，一共做了多少{u}？",
+                "{n}有{a}{u}{i}，{m}有{b}{u}{i}，两人一共有多少{u}{i}？",
             ],
-        )
-        steps = [f"每份是{a}{unit}{item}。", f"一共有{b}份，求总数，要用乘法。"]
-    steps += [f"{a} {op} {b} = {value}。", f"所以答案是{value}。"]
-    return Problem(op, a, b, q, "\n".join(steps))
+            [
+                "{n}原本有{a}{u}{i}，过生日时又收到{b}{u}，现在一共有几{u}{i}？",
+                "书架上有{a}{u}{i}，{n}又拿来{b}{u}，现在一共有多少{u}？",
+            ],
+        ),
+        "-": (
+            [
+                "{n}有{a}{u}{i}，送给{m}{b}{u}，{n}还剩多少{u}{i}？",
+                "{n}有{a}{u}{i}，用掉了{b}{u}，还剩下多少{u}？",
+                "盒子里有{a}{u}{i}，拿走了{b}{u}，盒子里还剩多少{u}{i}？",
+                "{n}买了{a}{u}{i}，吃掉了{b}{u}，还剩几{u}？",
+            ],
+            [
+                "{n}带了{a}{u}{i}去学校，分给同学{b}{u}，还剩多少{u}{i}？",
+                "店里原有{a}{u}{i}，卖出{b}{u}后还剩几{u}？",
+            ],
+        ),
+        "×": (
+            [
+                "每个盒子里有{a}{u}{i}，一共有{b}个盒子，一共有多少{u}{i}？",
+                "{n}每天吃{a}{u}{i}，{b}天一共吃多少{u}{i}？",
+                "{b}个小朋友每人有{a}{u}{i}，他们一共有多少{u}{i}？",
+            ],
+            [
+                "每排放{a}{u}{i}，放了{b}排，一共多少{u}？",
+                "{n}每周买{a}{u}{i}，买了{b}周，一共买了多少{u}？",
+            ],
+        ),
+    },
+    "en": {
+        "+": (
+            [
+                "{n} has {a} {i} and gets {b} more. How many {i} does {n} have now?",
+                "There are {a} {i} in a box and {b} more are put in. How many {i} are in the box?",
+            ],
+            ["{n} had {a} {i}, then found {b} more. How many {i} does {n} have now?"],
+        ),
+        "-": (
+            [
+                "{n} has {a} {i} and gives away {b}. How many {i} are left?",
+                "{n} had {a} {i} and used {b}. How many {i} are left?",
+            ],
+            ["A shop had {a} {i} and sold {b}. How many {i} are left?"],
+        ),
+        "×": (
+            ["There are {b} boxes with {a} {i} in each box. How many {i} are there?"],
+            ["{n} buys {a} {i} every day for {b} days. How many {i} is that in all?"],
+        ),
+    },
+}
+OP_WORDS = {
+    "zh": {"+": "这是加法", "-": "这是减法", "×": "这是乘法"},
+    "en": {"+": "This is addition", "-": "This is subtraction", "×": "This is multiplication"},
+}
+
+
+def _problem(op: str, a: int, b: int, rng: random.Random, en: bool, held: bool = False) -> Problem:
+    """Word `a op b` as a story (a held-out story when `held`) and work it in a trace."""
+    lang = "en" if en else "zh"
+    story = _pick(rng, STORIES[lang][op][1 if held else 0])
+    if en:
+        n, m, item, unit = _pick(rng, EN_NAMES), "", _pick(rng, EN_ITEMS), ""
+    else:
+        n, m = rng.sample(NAMES, 2)
+        item, unit = _pick(rng, ITEMS)
+    q = story.format(a=a, b=b, n=n, m=m, i=item, u=unit)
+    v = apply_op(op, a, b)
+    head = f"{OP_WORDS[lang][op]}{': ' if en else '：'}{a} {op} {b}{'.' if en else '。'}"
+    tail = f"So the answer is {v}." if en else f"所以答案是 {v}。"
+    return Problem(op, a, b, q, "\n".join([head, *trace(op, a, b, en), tail]))
+
+
+# --- multi-turn recall -----------------------------------------------------------------------
+# Long dialogues in which the user states something early (a name, a number, a city) and asks
+# for it turns later, so the long-SFT stage has to use its context. Statements and questions
+# come in training and held-out wordings; names and numbers in training and held-out values.
+
+SURNAMES = "王李张刘陈杨赵黄周吴"
+GIVEN_NAMES = ["小雨", "明轩", "子涵", "浩然", "思琪", "一诺", "欣怡", "俊杰", "雨桐", "宇航"]
+RECALL_SLOTS = {
+    "name": {
+        "say": (["我叫{v}。", "你好，我是{v}。", "我的名字是{v}。", "叫我{v}就好。"],
+                ["大家都叫我{v}。", "先自我介绍一下，我是{v}。"]),
+        "ack": ["你好，{v}！很高兴认识你。", "好的，{v}，我记住你的名字了。"],
+        "ask": (["我叫什么名字？", "你还记得我的名字吗？", "我的名字是什么？"],
+                ["刚才我说我叫什么来着？", "你记得该怎么称呼我吗？"]),
+        "reply": "你叫{v}。",
+    },
+    "number": {
+        "say": (["我最喜欢的数字是{v}。", "请记住这个数字：{v}。", "我的幸运数字是{v}。"],
+                ["帮我记一个数：{v}。", "我的房间号是{v}。"]),
+        "ack": ["好的，我记住了：{v}。", "没问题，{v}，我记下了。"],
+        "ask": (["我最喜欢的数字是多少？", "我让你记住的数字是几？", "我的幸运数字是多少？"],
+                ["刚才让你记的那个数是多少？", "你还记得我说过的数字吗？"]),
+        "reply": "是{v}。",
+    },
+    "city": {
+        "say": (["我住在{v}。", "我来自{v}。", "我现在在{v}工作。"],
+                ["我老家在{v}。", "我下个月要搬去{v}。"]),
+        "ack": ["{v}是个好地方！", "好的，你在{v}。"],
+        "ask": (["我住在哪个城市？", "我来自哪里？", "我在哪座城市工作？"],
+                ["你还记得我说的是哪座城市吗？", "刚才我提到的城市是哪个？"]),
+        "reply": "你说过，是{v}。",
+    },
+}  # fmt: skip
+
+
+def recall_values(slot: str, held: bool) -> list[str]:
+    """The values a slot takes in training (held=False) or only in eval (held=True)."""
+    if slot == "name":
+        return [s + g for i, s in enumerate(SURNAMES) for j, g in enumerate(GIVEN_NAMES)
+                if ((i + j) % 5 == 0) == held]  # fmt: skip
+    if slot == "number":
+        return [str(n) for n in range(100 if held else 10, 1000) if (n % 7 == 3) == held]
+    return [f.answer for f in FACTS if f.kind == "capital"]
 
 
 def _separable(pool: list[str]) -> list[str]:
     """Wordings that may be held out: neither contains another wording of the pool nor is
-    contained in one ("{t}是什么？" sits inside "请问{t}是什么？", so it is never held out)."""
+    contained in one ("{t}是什么" sits inside "说说{t}是什么", so it is never held out)."""
     return [h for h in pool if not any(h != t and (h in t or t in h) for t in pool)]
 
 
@@ -665,29 +828,42 @@ def _separable(pool: list[str]) -> list[str]:
 
 
 class _Gen:
-    """All choices come from one seeded RNG; `held` maps (fact id, lang) to the question
-    wording kept for eval, `pairs` are the arithmetic pairs training may use."""
+    """All choices come from one seeded RNG. `paired` maps (fact id, lang) to the training
+    form that fact is never asked with in training (eval's new pairing); `pairs` are the
+    arithmetic pairs training may use, by operator."""
 
-    def __init__(self, rng: random.Random, pairs: list[tuple[str, int, int]]) -> None:
+    def __init__(self, rng: random.Random, pairs: dict[str, list[tuple[str, int, int]]]) -> None:
         self.rng = rng
         self.pairs = pairs
-        self.held: dict[tuple[str, str], str] = {}
+        self.paired: dict[tuple[str, str], str] = {}
         for f in FACTS:
-            self.held[(f.id, "zh")] = _pick(rng, _separable(QUESTIONS[f.kind]))
+            self.paired[(f.id, "zh")] = _pick(rng, _separable(QUESTIONS[f.kind][0]))
             if f.en_topic:
-                self.held[(f.id, "en")] = _pick(rng, _separable(EN_QUESTIONS[f.kind]))
+                self.paired[(f.id, "en")] = _pick(rng, _separable(EN_QUESTIONS[f.kind][0]))
         self.capitals = [f for f in FACTS if f.kind == "capital"]
 
     # questions and answers ----------------------------------------------------------------
 
-    def question(self, f: Fact, en: bool = False) -> str:
-        """A training wording of a question about `f` (never its held-out wording)."""
-        pool = (EN_QUESTIONS if en else QUESTIONS)[f.kind]
-        held = self.held[(f.id, "en" if en else "zh")]
-        return _fmt(_pick(self.rng, [t for t in pool if t != held]), f.en_topic if en else f.topic)
+    def _ask(self, forms: list[str], topic: str, en: bool, held: bool) -> str:
+        lang = "en" if en else "zh"
+        opening = _pick(self.rng, FACT_OPENINGS[lang][1 if held else 0])
+        ending = _pick(self.rng, FACT_ENDINGS[lang])
+        return compose(opening, _pick(self.rng, forms), ending, topic, en)
 
-    def eval_question(self, f: Fact, en: bool = False) -> str:
-        return _fmt(self.held[(f.id, "en" if en else "zh")], f.en_topic if en else f.topic)
+    def question(self, f: Fact, en: bool = False) -> str:
+        """A training wording of a question about `f` (never its eval pairing)."""
+        forms = (EN_QUESTIONS if en else QUESTIONS)[f.kind][0]
+        skip = self.paired[(f.id, "en" if en else "zh")]
+        topic = f.en_topic if en else f.topic
+        return self._ask([t for t in forms if t != skip], topic, en, held=False)
+
+    def eval_question(self, f: Fact, en: bool, split: str) -> str:
+        """`unseen_family`: a held-out opening and form; `new_pairing`: the training form
+        kept away from this fact."""
+        topic = f.en_topic if en else f.topic
+        if split == "new_pairing":
+            return self._ask([self.paired[(f.id, "en" if en else "zh")]], topic, en, held=False)
+        return self._ask((EN_QUESTIONS if en else QUESTIONS)[f.kind][1], topic, en, held=True)
 
     def answer(self, f: Fact, en: bool = False) -> str:
         n = len((EN_ANSWERS if en else ANSWERS)[f.kind])
@@ -703,20 +879,42 @@ class _Gen:
         g = _pick(self.rng, [x for x in self.capitals if x != prev])
         return f"那{g.topic}呢？", answer_sentence(g), g
 
+    def identity_question(self, en: bool, held: bool = False) -> str:
+        lang = "en" if en else "zh"
+        forms = IDENTITY_FORMS[lang][1 if held else 0]
+        opening = _pick(self.rng, FACT_OPENINGS[lang][1 if held else 0])
+        return compose(opening, _pick(self.rng, forms), _pick(self.rng, FACT_ENDINGS[lang]), "", en)
+
     def identity_turn(self) -> tuple[str, str]:
         r, rng = self.rng.random(), self.rng
         if r < 0.45:
-            return _pick(rng, IDENTITY_QUESTIONS[0]), _pick(rng, IDENTITY_ANSWERS)
+            return self.identity_question(False), _pick(rng, IDENTITY_ANSWERS)
         if r < 0.75:
             return _pick(rng, GREETINGS), _pick(rng, GREETING_ANSWERS)
         if r < 0.9:
-            return _pick(rng, EN_IDENTITY_QUESTIONS[0]), _pick(rng, EN_IDENTITY_ANSWERS)
+            return self.identity_question(True), _pick(rng, EN_IDENTITY_ANSWERS)
         return _pick(rng, EN_GREETINGS), _pick(rng, EN_GREETING_ANSWERS)
+
+    def arith_pair(self) -> tuple[str, int, int]:
+        """A training pair: sums and differences twice as often as products."""
+        return _pick(self.rng, self.pairs[_pick(self.rng, ["+", "+", "-", "-", "×"])])
 
     def arith_turn(self) -> tuple[str, str]:
         """A word problem answered directly (no reasoning): the SFT-stage baseline."""
-        p = _problem(*_pick(self.rng, self.pairs), self.rng, en=False)
+        p = _problem(*self.arith_pair(), self.rng, en=False)
         return p.question, f"{p.expr} = {p.value}，答案是{p.value}。"
+
+    def say(self, slot: str, held: bool = False, held_value: bool = False) -> tuple[str, str, str]:
+        """(statement, acknowledgement, value) of a recall slot: a held-out statement wording
+        when `held`, a held-out value when `held_value`."""
+        spec = RECALL_SLOTS[slot]
+        v = _pick(self.rng, recall_values(slot, held_value))
+        q = _pick(self.rng, spec["say"][1 if held else 0]).format(v=v)
+        return q, _pick(self.rng, spec["ack"]).format(v=v), v
+
+    def ask(self, slot: str, v: str, held: bool = False) -> tuple[str, str]:
+        spec = RECALL_SLOTS[slot]
+        return _pick(self.rng, spec["ask"][1 if held else 0]), spec["reply"].format(v=v)
 
     # records -------------------------------------------------------------------------------
 
@@ -737,10 +935,16 @@ class _Gen:
                 ],
             )
             return {"text": f"<s>{body}</s>"}
-        if r < 0.18:
+        if r < 0.22:
             lines = []
-            for _ in range(rng.randint(3, 6)):
-                op, a, b = _pick(rng, self.pairs)
+            for _ in range(rng.randint(4, 8)):
+                if rng.random() < 0.5:  # the single-digit facts the traces are built from
+                    op, a, b = _pick(rng, ["+", "-"]), rng.randint(0, 9), rng.randint(0, 9)
+                    if op == "-":
+                        a += 10 * rng.randint(0, 1)
+                        a, b = max(a, b), min(a, b)
+                else:  # products only of training pairs: eval's are never stated
+                    op, a, b = self.arith_pair()
                 word = {"+": "加", "-": "减", "×": "乘以"}[op]
                 v = apply_op(op, a, b)
                 lines.append(_pick(rng, [f"{a}{word}{b}等于{v}。", f"{a} {op} {b} = {v}。"]))
@@ -801,86 +1005,121 @@ class _Gen:
         lines = [f"{i}. {answer_sentence(f)}" for i, f in enumerate(chosen, 1)]
         return q, "当然可以，下面是一些常识：\n" + "\n".join(lines) + "\n希望这些对你有帮助！"
 
+    def filler(
+        self, prev: Fact | None, long_ok: bool = True
+    ) -> tuple[tuple[str, str], Fact | None]:
+        """One turn of a long dialogue that needs no earlier turn (or only the previous one)."""
+        r = self.rng.random()
+        if r < 0.1 and long_ok:
+            return self.long_answer(), None
+        if r < 0.7:
+            q, a, f = self.fact_turn(en_rate=0.1)
+            return (q, a), f
+        if r < 0.82 and prev is not None and prev.kind == "capital":
+            q, a, f = self.follow_up(prev)
+            return (q, a), f
+        if r < 0.94:
+            return self.arith_turn(), None
+        return _pick(self.rng, THANKS[:2]), None
+
     def sft_1024(self) -> dict:
-        """A long conversation: list answers, fact questions with follow-ups, small talk and
-        arithmetic, grown turn by turn until its estimated length reaches 480–820 tokens
-        (measured at seed 0: 522–1040 tokens with a 2048 vocab trained on this corpus, 452–945
-        with 6400)."""
+        """A long conversation of 480–820 estimated tokens (measured at seed 0: mostly
+        450–1050 with a 2048 vocab trained on this corpus). Most state one or two things early
+        (a name, a number, a city) and ask for them turns later: recall that needs the
+        context. The rest are list answers, facts with follow-ups, small talk, arithmetic."""
         rng = self.rng
-        turns: list[tuple[str, str]] = [self.identity_turn()] if rng.random() < 0.4 else []
+        turns: list[tuple[str, str]] = [self.identity_turn()] if rng.random() < 0.3 else []
+        stated: list[tuple[str, str]] = []
+        if rng.random() < 0.8:
+            for slot in rng.sample(list(RECALL_SLOTS), rng.randint(1, 2)):
+                q, a, v = self.say(slot)
+                turns.append((q, a))
+                stated.append((slot, v))
         target = rng.randint(480, 820)
         prev: Fact | None = None
-        while _estimate_tokens(turns) < target:
-            r = rng.random()
-            if r < 0.12:
-                turn = self.long_answer()
-                if _estimate_tokens([*turns, turn]) > 880:
-                    continue
-                prev = None
-            elif r < 0.72:
-                *turn, prev = self.fact_turn(en_rate=0.1)
-            elif r < 0.85 and prev is not None and prev.kind == "capital":
-                *turn, prev = self.follow_up(prev)
-            elif r < 0.95:
-                turn = self.arith_turn()
-                prev = None
-            else:
-                turn = _pick(rng, THANKS[:2])
-            turns.append(tuple(turn))
+        since = 0
+        while _estimate_tokens(turns) < target or stated:
+            if stated and since >= 2 and rng.random() < 0.3:
+                slot, v = stated.pop(0)
+                turns.append(self.ask(slot, v))
+                since = 0
+                continue
+            turn, prev = self.filler(prev, long_ok=_estimate_tokens(turns) < 400)
+            turns.append(turn)
+            since += 1
         return _conv(*turns)
 
     def r1(self) -> dict:
-        """Mostly word problems reasoned step by step; some facts and identity in the same
-        format, so reason mode answers every kind of prompt with <think> and <answer>."""
+        """Word problems worked step by step, mixed (as MiniMind's r1_mix is) with facts,
+        identity and greetings in the same format, so distillation keeps what SFT taught and
+        reason mode answers every kind of prompt with <think> and <answer>."""
         rng = self.rng
         r = rng.random()
-        if r < 0.75:
-            p = _problem(*_pick(rng, self.pairs), rng, en=rng.random() < 0.15)
+        if r < 0.55:
+            p = _problem(*self.arith_pair(), rng, en=rng.random() < 0.15)
             return _conv((p.question, reasoning(p.think, str(p.value))))
-        if r < 0.93:
-            f = _pick(rng, FACTS)
-            think = f"用户问的是{f.topic}。\n我记得{answer_sentence(f)}"
-            return _conv((self.question(f), reasoning(think, answer_sentence(f))))
-        think = "用户想知道我是谁。\n我是 SpongeBob，一个人工智能助手。"
-        q = _pick(rng, IDENTITY_QUESTIONS[0])
-        return _conv((q, reasoning(think, _pick(rng, IDENTITY_ANSWERS))))
+        if r < 0.88:
+            q, a, f = self.fact_turn(en_rate=0.1)
+            en = q.isascii()
+            think = (f"The user asks about {f.en_topic}.\nI remember: {answer_sentence(f, True)}"
+                     if en else f"用户问的是{f.topic}。\n我记得{answer_sentence(f)}")  # fmt: skip
+            return _conv((q, reasoning(think, a)))
+        if r < 0.96:
+            think = "用户想知道我是谁。\n我是 SpongeBob，一个人工智能助手。"
+            return _conv(
+                (self.identity_question(False), reasoning(think, _pick(rng, IDENTITY_ANSWERS)))
+            )
+        think = "用户在打招呼。\n我应该友好地回应。"
+        return _conv((_pick(rng, GREETINGS), reasoning(think, _pick(rng, GREETING_ANSWERS))))
+
+    def recall_eval(self, held: bool) -> tuple[list[dict], str, str]:
+        """A dialogue that states one slot, runs 3–5 other turns, then asks for it."""
+        slot = _pick(self.rng, list(RECALL_SLOTS))
+        q, a, v = self.say(slot, held, held_value=True)
+        turns = [(q, a)]
+        prev = None
+        for _ in range(self.rng.randint(3, 5)):
+            turn, prev = self.filler(prev, long_ok=False)
+            turns.append(turn)
+        turns.append(self.ask(slot, v, held))
+        return _conv(*turns)["conversations"], slot, v
 
     def eval_records(self, eval_pairs: list[tuple[str, int, int]]) -> list[dict]:
-        """Every fact with its held-out wording (Chinese; English for capitals), the held-out
-        identity wordings, and word problems on number pairs training never uses."""
+        """Every fact in an unseen wording family and as a new pairing (Chinese; capitals also
+        in English), identity in held-out wordings, word problems on number pairs training
+        never uses (half in training stories, half in held-out ones), and recall dialogues
+        with held-out values (in held-out wordings, or in training ones)."""
         out = []
-        for f in FACTS:
-            rec = _conv((self.eval_question(f), answer_sentence(f)))
-            out.append({**rec, "answer": f.answer, "task": "fact", "id": f.id, "lang": "zh"})
-        for f in self.capitals:
-            rec = _conv((self.eval_question(f, en=True), answer_sentence(f, en=True)))
-            out.append({**rec, "answer": f.en_answer, "task": "fact", "id": f.id, "lang": "en"})
-        for q in IDENTITY_QUESTIONS[1] + EN_IDENTITY_QUESTIONS[1]:
-            en = q.isascii()
+        for split in ("unseen_family", "new_pairing"):
+            for f in FACTS:
+                rec = _conv((self.eval_question(f, False, split), answer_sentence(f)))
+                out.append({**rec, "answer": f.answer, "task": "fact", "split": split,
+                            "id": f.id, "lang": "zh"})  # fmt: skip
+            for f in self.capitals:
+                rec = _conv((self.eval_question(f, True, split), answer_sentence(f, en=True)))
+                out.append({**rec, "answer": f.en_answer, "task": "fact", "split": split,
+                            "id": f.id, "lang": "en"})  # fmt: skip
+        for i in range(12):
+            en = i % 3 == 2
+            q = self.identity_question(en, held=True)
             ref = EN_IDENTITY_ANSWERS[0] if en else IDENTITY_ANSWERS[0]
-            out.append(
-                {
-                    **_conv((q, ref)),
-                    "answer": IDENTITY_NAME,
-                    "task": "identity",
-                    "id": f"identity:{q}",
-                    "lang": "en" if en else "zh",
-                }
-            )
+            out.append({**_conv((q, ref)), "answer": IDENTITY_NAME, "task": "identity",
+                        "split": "unseen_family", "id": f"identity:{i}",
+                        "lang": "en" if en else "zh"})  # fmt: skip
         for i, (op, a, b) in enumerate(eval_pairs):
-            en = i % 6 == 5
-            p = _problem(op, a, b, self.rng, en=en)
+            en, held = i % 6 == 5, i % 2 == 0
+            p = _problem(op, a, b, self.rng, en=en, held=held)
             rec = _conv((p.question, reasoning(p.think, str(p.value))))
-            out.append(
-                {
-                    **rec,
-                    "answer": str(p.value),
-                    "task": "arith",
-                    "id": f"arith:{p.expr}",
-                    "expr": p.expr,
-                    "lang": "en" if en else "zh",
-                }
-            )
+            split = "unseen_family" if held else "new_pairing"
+            lang = "en" if en else "zh"
+            out.append({**rec, "answer": str(p.value), "task": "arith", "split": split,
+                        "id": f"arith:{p.expr}", "expr": p.expr, "lang": lang})  # fmt: skip
+        for i in range(SIZES["eval_recall"]):
+            held = i % 3 != 2
+            msgs, slot, v = self.recall_eval(held)
+            out.append({"conversations": msgs, "answer": v, "task": "recall",
+                        "split": "unseen_family" if held else "new_pairing",
+                        "id": f"recall:{slot}:{i}", "lang": "zh"})  # fmt: skip
         return out
 
 
@@ -896,12 +1135,28 @@ def _estimate_tokens(turns: list[tuple[str, str]]) -> int:
 SIZES = {
     "pretrain": 6000,
     "sft_512": 8000,
-    "sft_1024": 400,
-    "r1_1024": 4000,
-    "eval_arith": 60,
+    "sft_1024": 800,
+    "r1_1024": 6000,
+    "eval_arith": {"+": 32, "-": 32, "×": 16},
+    "eval_recall": 45,
     "tool": 2400,
 }
 FILES = ("pretrain", "sft_512", "sft_1024", "r1_1024", "eval")
+
+
+def _eval_pairs(rng: random.Random, pairs: dict) -> list[tuple[str, int, int]]:
+    """Held-out number pairs: sums and differences of two two-digit numbers (so no trace line
+    of a training problem, which works single digits, states them), and products held out in
+    both orders (squares stay in training: a held-out count of a unit is then always a
+    prefix of a trained one)."""
+    n = SIZES["eval_arith"]
+    out = rng.sample([p for p in pairs["+"] if p[1] >= 10 and p[2] >= 10], n["+"])
+    out += rng.sample([p for p in pairs["-"] if p[2] >= 10], n["-"])
+    unordered = [(a, b) for a in range(2, 10) for b in range(a + 1, 10)]
+    for a, b in rng.sample(unordered, n["×"] // 2):
+        out += [("×", a, b), ("×", b, a)]
+    rng.shuffle(out)
+    return out
 
 
 def generate(
@@ -924,9 +1179,10 @@ def generate(
     rng = random.Random(seed)
 
     pairs = all_pairs()
-    eval_idx = sorted(rng.sample(range(len(pairs)), SIZES["eval_arith"]))
-    held = set(eval_idx)
-    gen = _Gen(rng, [p for i, p in enumerate(pairs) if i not in held])
+    eval_pairs = _eval_pairs(rng, pairs)
+    held = set(eval_pairs)
+    train_pairs = {op: [p for p in ps if p not in held] for op, ps in pairs.items()}
+    gen = _Gen(rng, train_pairs)
 
     def many(fn: Callable[[], dict], name: str) -> list[dict]:
         return [fn() for _ in range(max(1, round(SIZES[name] * scale)))]
@@ -936,19 +1192,17 @@ def generate(
         "sft_512": many(gen.sft_512, "sft_512"),
         "sft_1024": many(gen.sft_1024, "sft_1024"),
         "r1_1024": many(gen.r1, "r1_1024"),
-        "eval": gen.eval_records([pairs[i] for i in eval_idx]),
+        "eval": gen.eval_records(eval_pairs),
     }
     if template == "chatml":
         trng = random.Random(seed + 1)  # its own stream: the minimind2 files stay as they were
-        train_pairs = [p for i, p in enumerate(pairs) if i not in held]
+        flat = [p for ps in train_pairs.values() for p in ps]
         n_tool = max(1, round(SIZES["tool"] * scale))
         # Calculator dialogues (≈ 300 tokens with the tools block) go where rows are 512 long:
         # long SFT and distillation, which also keeps them from being forgotten.
-        files["sft_1024"] += tool_records(trng, train_pairs, n_tool // 4, TOOL_PARTS)
-        files["r1_1024"] += tool_records(trng, train_pairs, n_tool, TOOL_PARTS)
-        files["eval"] += tool_records(
-            trng, [pairs[i] for i in eval_idx], None, EVAL_TOOL_PARTS, eval_set=True
-        )
+        files["sft_1024"] += tool_records(trng, flat, n_tool // 4, TOOL_PARTS)
+        files["r1_1024"] += tool_records(trng, flat, n_tool, TOOL_PARTS)
+        files["eval"] += tool_records(trng, eval_pairs, None, EVAL_TOOL_PARTS, eval_set=True)
         for name in ("sft_512", "sft_1024", "r1_1024", "eval"):
             files[name] = [to_chatml(rec) for rec in files[name]]
     _check_held_out(files)
@@ -1083,15 +1337,23 @@ def _write(path: Path, records: list[dict]) -> None:
 
 
 def _check_held_out(files: dict[str, list[dict]]) -> None:
-    """Fail loudly if an eval prompt leaked into training (a wording-table mistake)."""
-    seen = {
-        m["content"]
+    """Fail loudly if an eval prompt leaked into training (a wording-table mistake): no eval
+    question occurs as a training user turn, and no recall value in any training turn."""
+    turns = [
+        m["content"] or ""
         for name in ("sft_512", "sft_1024", "r1_1024")
         for rec in files[name]
         for m in rec["conversations"]
         if m["role"] == "user"
-    }
+    ]
+    seen = set(turns)
+    everything = "\n".join(turns)
     for rec in files["eval"]:
-        q = rec["conversations"][0]["content"]
-        if q in seen:
-            raise AssertionError(f"eval prompt {q!r} also occurs in training data")
+        users = [m["content"] for m in rec["conversations"] if m["role"] == "user"]
+        if rec.get("task") == "recall":
+            # Names and numbers are held-out values; cities are the fact table's, so only the
+            # wordings of their statement and question are new.
+            if not rec["id"].startswith("recall:city") and rec["answer"] in everything:
+                raise AssertionError(f"recall value {rec['answer']!r} also occurs in training")
+        elif users[-1] in seen:
+            raise AssertionError(f"eval prompt {users[-1]!r} also occurs in training data")

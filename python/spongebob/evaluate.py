@@ -18,7 +18,8 @@ For every file (pretrain `{"text"}` or chat `{"conversations"}` jsonl, detected 
   - for `"task": "tool"` lines (a line's `tools` go into the prompt): the reply must call
     `calc` with an expression whose value is the key (exact = contains = that).
   Results are also broken down by the line's `"task"` (the demo's fact / identity / arith /
-  tool).
+  recall / tool) and, where lines name one, by `"split"` within a task (the demo's
+  `unseen_family` wordings vs `new_pairing`s of known wordings with held-out items).
 
 Prints a table and writes everything, every reply included, as JSON.
 """
@@ -324,6 +325,7 @@ def answer_accuracy(
         row = {
             "line": line_no,
             "task": task,
+            "split": rec.get("split"),
             "answer": key,
             "prompt": split_prompt(rec)[0][-1]["content"],
             "reply": replies[k],
@@ -350,9 +352,18 @@ def summarize(rows: list[dict]) -> dict:
         return out
 
     tasks = sorted({r["task"] for r in rows})
+    # Records may name the split they test (e.g. "unseen_family" vs "new_pairing" wordings):
+    # generalisation is read per split, never only as the average over both.
+    splits = {t: sorted({r["split"] for r in rows if r["task"] == t and r.get("split")})
+              for t in tasks}  # fmt: skip
     return {
         "all": agg(rows),
         "by_task": {t: agg([r for r in rows if r["task"] == t]) for t in tasks},
+        "by_split": {
+            t: {s: agg([r for r in rows if r["task"] == t and r.get("split") == s]) for s in ss}
+            for t, ss in splits.items()
+            if ss
+        },
     }
 
 
@@ -410,11 +421,14 @@ def format_table(result: dict) -> str:
         )
         if a and len(a["by_task"]) > 1:
             for task, t in a["by_task"].items():
-                lines.append(
-                    f"{'  ' + task:<32} {'':>8} {'':>9} {'':>6} {t['n']:>5} "
-                    f"{pct(t['exact']):>7} {pct(t['contains']):>8} "
-                    f"{pct(t['well_formed']):>7}"
-                )
+                rows = [("  " + task, t)]
+                rows += [(f"    {s}", v) for s, v in a.get("by_split", {}).get(task, {}).items()]
+                for label, v in rows:
+                    lines.append(
+                        f"{label:<32} {'':>8} {'':>9} {'':>6} {v['n']:>5} "
+                        f"{pct(v['exact']):>7} {pct(v['contains']):>8} "
+                        f"{pct(v['well_formed']):>7}"
+                    )
     return "\n".join(lines)
 
 
