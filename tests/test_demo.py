@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from spongebob import demo_data
 from spongebob.demo import STAGE_DATA, run_demo
 
 
@@ -92,6 +93,6 @@ def test_reduced_chatml_demo_chains_learns_the_format_and_scores_tool_use(chatml
     assert stages[-1]["reasoning_format"] >= 0.5
     assert all(s["tool_use"] is not None for s in stages)
     tool = stages[-1]["extra"]["by_task"]["tool"]
-    assert tool["n"] == 60  # one per held-out arithmetic pair
+    assert tool["n"] == sum(demo_data.SIZES["eval_arith"].values())  # one per held-out pair
     assert "tool use" in (out / "report.md").read_text()
     assert {s["task"] for s in card["samples"]} == {"fact", "identity", "arith", "recall", "tool"}
