@@ -667,10 +667,12 @@ def trace(op: str, a: int, b: int, en: bool = False) -> list[str]:
         if s >= 10:
             carry = f"write {s % 10}{comma}carry 1" if en else f"写 {s % 10}{comma}进 1"
             first = f"{ones}{colon}{a0} + {b0} = {s}{comma}{carry}{stop}"
-            t, second = a1 + b1 + 1, f"{tens}{colon}{a1} + {b1} + 1 = {a1 + b1 + 1}{stop}"
+            t = a1 + b1 + 1
+            second = f"{tens}{colon}{a1} + {b1} + 1 = {t}{stop}"
         else:
             first = f"{ones}{colon}{a0} + {b0} = {s}{stop}"
-            t, second = a1 + b1, f"{tens}{colon}{a1} + {b1} = {a1 + b1}{stop}"
+            t = a1 + b1
+            second = f"{tens}{colon}{a1} + {b1} = {t}{stop}"
         digit = s % 10
     else:
         if a0 < b0:
@@ -678,11 +680,13 @@ def trace(op: str, a: int, b: int, en: bool = False) -> list[str]:
             less = f"{a0} is less than {b0}" if en else f"{a0} 比 {b0} 小"
             borrow = "borrow 1" if en else "借 1"
             first = f"{ones}{colon}{less}{comma}{borrow}{comma}{a0 + 10} - {b0} = {digit}{stop}"
-            t, second = a1 - 1 - b1, f"{tens}{colon}{a1} - 1 - {b1} = {a1 - 1 - b1}{stop}"
+            t = a1 - 1 - b1
+            second = f"{tens}{colon}{a1} - 1 - {b1} = {t}{stop}"
         else:
             digit = a0 - b0
             first = f"{ones}{colon}{a0} - {b0} = {digit}{stop}"
-            t, second = a1 - b1, f"{tens}{colon}{a1} - {b1} = {a1 - b1}{stop}"
+            t = a1 - b1
+            second = f"{tens}{colon}{a1} - {b1} = {t}{stop}"
     v = apply_op(op, a, b)
     join = f"{t} and {digit} make {v}." if en else f"{t} 和 {digit} 合起来是 {v}。"
     return [first, second, join]
