@@ -10,7 +10,7 @@ import pytest
 
 from spongebob import demo_data
 from spongebob.data import ChatTokenizer, TextStream
-from spongebob.demo_data import FACTS, FILES, apply_op, generate
+from spongebob.demo_data import FACTS, FILES, SIGN_OFF, apply_op, generate
 from spongebob.tokenizer import train_tokenizer
 
 TRAIN = ("sft_512", "sft_1024", "r1_1024")
@@ -65,6 +65,8 @@ def test_scale_multiplies_training_records_but_not_eval(tmp_path):
 
 def test_every_file_parses_with_the_rust_reader_without_a_bad_line(small):
     for name in FILES:
+        if name in POST:
+            continue  # pairs and prompts: read by their own readers (test below)
         lines = small[name].read_text(encoding="utf-8").count("\n")
         stream = TextStream([str(small[name])], on_bad_line="skip")
         texts = [t for chunk in stream for t in chunk]
@@ -262,3 +264,43 @@ def test_corpus_is_chinese_first_with_some_english(full):
     records = [r for n in ("pretrain", *TRAIN) for r in full[n]]
     share = sum(map(is_english, records)) / len(records)
     assert 0.03 < share < 0.3, share
+
+
+POST = ("dpo", "dpo_eval", "grpo")
+
+
+def test_dpo_pairs_differ_only_by_the_sign_off_and_held_out_prompts_are_never_trained(
+    small, tokenizer
+):
+    """The preference is one thing (the closing line), so a held-out accuracy measures that
+    style; the held-out pairs ask in wording families no training file has."""
+    from spongebob.dpo import PairReader
+    from spongebob.grpo import PromptReader
+
+    trained_prompts = set()
+    for name in ("sft_512", "sft_1024", "r1_1024", "dpo", "grpo"):
+        for rec in _read(small[name]):
+            for m in rec.get("conversations") or rec["chosen"]:
+                if m["role"] == "user":
+                    trained_prompts.add(m["content"])
+    for name in ("dpo", "dpo_eval"):
+        recs = _read(small[name])
+        assert recs, name
+        for rec in recs:
+            c, r = rec["chosen"][-1]["content"], rec["rejected"][-1]["content"]
+            assert rec["chosen"][:-1] == rec["rejected"][:-1]
+            sign = next(v for v in SIGN_OFF.values() if v in c)
+            assert c.replace(f" {sign}", "") == r and sign not in r
+        if name == "dpo_eval":
+            assert not {rec["chosen"][-2]["content"] for rec in recs} & trained_prompts
+    for name in ("dpo", "dpo_eval"):
+        reader = PairReader([small[name]], tokenizer)
+        assert len(list(reader)) == len(_read(small[name]))
+        assert not any(reader.stats()["skipped"].values())
+    prompts = list(PromptReader([small["grpo"]], tokenizer))
+    assert len(prompts) == len(_read(small["grpo"]))
+    assert all(p.answer.isdigit() and p.messages[-1]["role"] == "user" for p in prompts)
+    # No sign-off outside the DPO files: the style is taught by the pairs alone.
+    for name in ("pretrain", "sft_512", "sft_1024", "r1_1024", "eval"):
+        text = small[name].read_text(encoding="utf-8")
+        assert not any(v in text for v in SIGN_OFF.values()), name

@@ -1,6 +1,8 @@
 """`spongebob demo`: the whole path on generated data, on a CPU, in minutes.
 
-data → tokenizer → pretrain → SFT → long SFT → distill, with an evaluation after every stage.
+data → tokenizer → pretrain → SFT → long SFT → distill → DPO → GRPO, with an evaluation after
+every stage (the chatml demo stops after distill: GRPO's built-in rewards read `<answer>` tags,
+which a chatml reply does not have).
 The point is proof: the scorecard shows what each stage taught, on held-out items of
 `eval.jsonl` (facts and identity in unseen wording families and as new pairings, arithmetic on
 unseen number pairs and stories, multi-turn recall of held-out names and numbers), each score
@@ -27,7 +29,10 @@ STAGE_DATA = {
     "sft": "sft_512",
     "sft-long": "sft_1024",
     "distill": "r1_1024",
+    "dpo": "dpo",
+    "grpo": "grpo",
 }
+POST_TRAINING = ("dpo", "grpo")  # minimind2 demo only (module docstring)
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,10 @@ class DemoStage:
     epochs: int = 1
     max_steps: int | None = None
     warmup: int = 0
+    dpo_beta: float | None = None
+    grpo_group: int | None = None
+    grpo_max_new_tokens: int | None = None
+    eval_file: str | None = None  # a demo file the stage validates on
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,23 @@ PLANS: dict[str, DemoPlan] = {
             "sft": DemoStage(seq_len=256, batch_size=16, lr=2e-3, epochs=2, warmup=10),
             "sft-long": DemoStage(seq_len=1024, batch_size=4, lr=1e-3, epochs=1, warmup=10),
             "distill": DemoStage(seq_len=512, batch_size=8, lr=1e-3, epochs=2, warmup=10),
+            "dpo": DemoStage(
+                seq_len=256,
+                batch_size=8,
+                lr=1e-4,
+                epochs=1,
+                warmup=5,
+                dpo_beta=0.1,
+                eval_file="dpo_eval",
+            ),
+            "grpo": DemoStage(
+                seq_len=512,
+                batch_size=4,
+                lr=5e-5,
+                max_steps=20,
+                grpo_group=8,
+                grpo_max_new_tokens=160,
+            ),
         },
     ),
     "fast": DemoPlan(
@@ -73,6 +99,22 @@ PLANS: dict[str, DemoPlan] = {
             "sft": DemoStage(seq_len=128, batch_size=8, lr=2e-3, max_steps=40),
             "sft-long": DemoStage(seq_len=256, batch_size=4, lr=5e-4, max_steps=5),
             "distill": DemoStage(seq_len=256, batch_size=8, lr=3e-3, max_steps=300, warmup=10),
+            "dpo": DemoStage(
+                seq_len=256,
+                batch_size=4,
+                lr=1e-4,
+                max_steps=10,
+                dpo_beta=0.1,
+                eval_file="dpo_eval",
+            ),
+            "grpo": DemoStage(
+                seq_len=256,
+                batch_size=2,
+                lr=5e-5,
+                max_steps=2,
+                grpo_group=4,
+                grpo_max_new_tokens=64,
+            ),
         },
         max_new_tokens=128,
     ),
@@ -89,6 +131,8 @@ COLUMNS = [
     ("arithmetic_accuracy", "arith", "unseen_family", "arithmetic"),
     ("recall", "recall", "unseen_family", "recall"),
     ("tool_use", "tool", None, "tool use"),
+    ("preference", "dpo", None, "prefers chosen"),
+    ("sign_off", "dpo", None, "sign-off"),
 ]
 SAMPLES_PER_TASK = 3  # report.md shows the first N eval items of each task, right or wrong
 
@@ -109,6 +153,8 @@ class StageScore:
     arithmetic_accuracy: float | None = None  # unseen number pairs in unseen stories
     recall: float | None = None  # multi-turn: a later turn needs an earlier one
     tool_use: float | None = None  # chatml demo: the reply calls calc correctly
+    preference: float | None = None  # held-out DPO pairs: log p(chosen) > log p(rejected)
+    sign_off: float | None = None  # fact replies (unseen family) that end with the DPO style
     checkpoint: str | None = None
     init: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -125,8 +171,24 @@ def _metrics(stage_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _score(model, tok, eval_file: Path, plan: DemoPlan) -> dict:
-    """Every scorecard column of one model, plus its eval rows (each reply, scored)."""
+def _stage_metrics(stage_dir: Path) -> dict:
+    """The post-training stages' own numbers: the last validation record (DPO: reward
+    accuracy and margin on the held-out pairs) and each logged step's mean rollout reward
+    (GRPO)."""
+    recs = _metrics(stage_dir)
+    out: dict[str, Any] = {}
+    evals = [r for r in recs if any(k.startswith("eval_") for k in r)]
+    if evals:
+        out["validation"] = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
+    rewards = [r["reward_mean"] for r in recs if r.get("reward_mean") is not None]
+    if rewards:
+        out["reward_mean_by_step"] = [round(x, 4) for x in rewards]
+    return out
+
+
+def _score(model, tok, eval_file: Path, plan: DemoPlan, pairs_file: Path | None = None) -> dict:
+    """Every scorecard column of one model, plus its eval rows (each reply, scored). With
+    `pairs_file`, also the preference columns of the held-out DPO pairs."""
     from spongebob.evaluate import evaluate
     from spongebob.generate import SamplingConfig
 
@@ -143,10 +205,41 @@ def _score(model, tok, eval_file: Path, plan: DemoPlan) -> dict:
     ppl = entry.get("perplexity")
     out: dict[str, Any] = {"perplexity": ppl.get("ppl") if isinstance(ppl, dict) else ppl}
     for name, task, split, _ in COLUMNS:
-        out[name] = get(task, split, "well_formed" if name == "reasoning_format" else "contains")
+        if task != "dpo":
+            out[name] = get(
+                task, split, "well_formed" if name == "reasoning_format" else "contains"
+            )
     out["by_task"], out["by_split"] = by_task, by_split
     out["rows"] = entry.get("answers", {}).get("rows", [])
+    if pairs_file is not None:
+        from spongebob.demo_data import SIGN_OFF
+
+        out["preference"] = _preference(model, tok, pairs_file)
+        facts = [
+            r for r in out["rows"] if r["task"] == "fact" and r.get("split") == "unseen_family"
+        ]
+        signed = [any(v in r["reply"] for v in SIGN_OFF.values()) for r in facts]
+        out["sign_off"] = sum(signed) / len(signed) if signed else None
     return out
+
+
+def _preference(model, tok, pairs_file: Path) -> float:
+    """The share of held-out pairs whose chosen reply the model itself gives more probability
+    (summed over the reply's trained tokens, as DPO scores them): reference-free, so every
+    stage's row is comparable; DPO's own reward accuracy (against its starting model) is in
+    the dpo stage's metrics.jsonl."""
+    import torch
+
+    from spongebob.dpo import PairReader, collate_pairs, sequence_logps
+
+    pairs = list(PairReader([pairs_file], tok))
+    wins = 0
+    with torch.no_grad():
+        for i in range(0, len(pairs), 16):
+            b = collate_pairs(pairs[i : i + 16])
+            chosen, rejected = sequence_logps(model, b["input_ids"], b["labels"]).chunk(2)
+            wins += int((chosen > rejected).sum())
+    return wins / len(pairs)
 
 
 def _continuation(pretrained, tok, plan: DemoPlan) -> dict:
@@ -210,8 +303,14 @@ def run_demo(
     run = out / "run"
     scores: list[StageScore] = []
     untrained = None
-    for stage, settings in plan.stages.items():
+    stages = {
+        k: v for k, v in plan.stages.items() if template == "minimind2" or k not in POST_TRAINING
+    }
+    pairs_file = files["dpo_eval"] if "dpo" in stages else None
+    for stage, settings in stages.items():
         t0 = time.perf_counter()
+        overrides = asdict(settings)
+        eval_file = overrides.pop("eval_file")
         cfg = stage_config(
             stage,
             data=[str(files[STAGE_DATA[stage]])],
@@ -229,7 +328,8 @@ def run_demo(
             progress=False,
             log_every=5,
             init="none" if stage == "pretrain" else None,
-            **asdict(settings),
+            eval_data=[str(files[eval_file])] if eval_file else None,
+            **overrides,
         )
         if untrained is None:
             # The untrained model's score is the floor every stage is compared with.
@@ -237,7 +337,7 @@ def run_demo(
 
             torch.manual_seed(seed)
             model0 = SpongeBob(preset(plan.preset, vocab_size=tok.vocab_size)).eval()
-            untrained = _score(model0, tok, files["eval"], plan)
+            untrained = _score(model0, tok, files["eval"], plan, pairs_file)
             log(f"untrained model: {untrained_summary(untrained)}")
         log(f"stage {stage}: {STAGE_DATA[stage]}.jsonl, {settings}")
         result = train(cfg)
@@ -250,7 +350,7 @@ def run_demo(
         if stage == "pretrain":
             pretrained = model
         t_eval = time.perf_counter()
-        s = _score(model, tok, files["eval"], plan)
+        s = _score(model, tok, files["eval"], plan, pairs_file)
         (out / f"eval_{stage}.json").write_text(
             json.dumps(s["rows"], ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
         )
@@ -263,7 +363,7 @@ def run_demo(
             final_loss=result.loss,
             checkpoint=str(result.final),
             init=meta.get("init"),
-            extra={"by_task": s["by_task"], "by_split": s["by_split"]},
+            extra={"by_task": s["by_task"], "by_split": s["by_split"], **_stage_metrics(stage_dir)},
             **{k: s[k] for k in ("perplexity", *(c[0] for c in COLUMNS))},
         )
         scores.append(score)

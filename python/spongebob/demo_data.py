@@ -1064,10 +1064,7 @@ class _Gen:
             return _conv((p.question, reasoning(p.think, str(p.value))))
         if r < 0.88:
             q, a, f = self.fact_turn(en_rate=0.1)
-            en = q.isascii()
-            think = (f"The user asks about {f.en_topic}.\nI remember: {answer_sentence(f, True)}"
-                     if en else f"用户问的是{f.topic}。\n我记得{answer_sentence(f)}")  # fmt: skip
-            return _conv((q, reasoning(think, a)))
+            return _conv((q, self.fact_reasoning(q, a, f)))
         if r < 0.96:
             think = "用户想知道我是谁。\n我是 SpongeBob，一个人工智能助手。"
             return _conv(
@@ -1075,6 +1072,35 @@ class _Gen:
             )
         think = "用户在打招呼。\n我应该友好地回应。"
         return _conv((_pick(rng, GREETINGS), reasoning(think, _pick(rng, GREETING_ANSWERS))))
+
+    def fact_reasoning(self, q: str, a: str, f: Fact) -> str:
+        """The distillation reply to a fact question: a short recollection, then the answer."""
+        if q.isascii():
+            return reasoning(
+                f"The user asks about {f.en_topic}.\nI remember: {answer_sentence(f, True)}", a
+            )
+        return reasoning(f"用户问的是{f.topic}。\n我记得{answer_sentence(f)}", a)
+
+    def dpo_pair(self, held: bool) -> dict:
+        """A preference pair on a fact question: both replies reason and answer alike; the
+        chosen one adds a sign-off (`SIGN_OFF`) that no other file teaches, so the preference
+        is learned from the pairs alone. `held` asks in an unseen wording family (eval)."""
+        f = _pick(self.rng, FACTS)
+        en = bool(f.en_topic) and self.rng.random() < 0.15
+        q = self.eval_question(f, en, "unseen_family") if held else self.question(f, en)
+        a = answer_sentence(f, en) if held else self.answer(f, en)
+        sign = SIGN_OFF["en" if en else "zh"]
+        user = _user(q)
+        return {
+            "chosen": [user, _assistant(self.fact_reasoning(q, f"{a} {sign}", f))],
+            "rejected": [user, _assistant(self.fact_reasoning(q, a, f))],
+        }
+
+    def grpo_prompt(self) -> dict:
+        """A training word problem as an RL prompt: the question and the reference answer that
+        the `arithmetic` reward compares the reply's `<answer>` with."""
+        p = _problem(*self.arith_pair(), self.rng, en=self.rng.random() < 0.15)
+        return {"conversations": [_user(p.question)], "answer": str(p.value)}
 
     def recall_eval(self, held: bool) -> tuple[list[dict], str, str]:
         """A dialogue that states one slot, runs 3–5 other turns, then asks for it."""
@@ -1144,8 +1170,13 @@ SIZES = {
     "eval_arith": {"+": 32, "-": 32, "×": 16},
     "eval_recall": 45,
     "tool": 2400,
+    "dpo": 600,
+    "dpo_eval": 100,
+    "grpo": 400,
 }
-FILES = ("pretrain", "sft_512", "sft_1024", "r1_1024", "eval")
+FILES = ("pretrain", "sft_512", "sft_1024", "r1_1024", "eval", "dpo", "dpo_eval", "grpo")
+# The style the DPO pairs prefer: a closing line after the answer (only dpo.jsonl has it).
+SIGN_OFF = {"zh": "希望这个回答对你有帮助！", "en": "Hope this helps!"}
 
 
 def _eval_pairs(rng: random.Random, pairs: dict) -> list[tuple[str, int, int]]:
@@ -1166,7 +1197,7 @@ def _eval_pairs(rng: random.Random, pairs: dict) -> list[tuple[str, int, int]]:
 def generate(
     out_dir: Path | str, seed: int = 0, scale: float = 1.0, template: str = "minimind2"
 ) -> dict[str, Path]:
-    """Write the five demo files into `out_dir` and return `{name: path}`.
+    """Write the demo files (`FILES`) into `out_dir` and return `{name: path}`.
 
     `scale` multiplies the number of training records; the fact table and the eval set stay
     whole so accuracy means the same at every scale. `seed` drives every choice: the same
@@ -1198,6 +1229,13 @@ def generate(
         "r1_1024": many(gen.r1, "r1_1024"),
         "eval": gen.eval_records(eval_pairs),
     }
+    # Post-training data from its own stream, so the files above stay as they were; it keeps
+    # the main generator's pairings, so no fact is asked in the form its eval pairing holds.
+    post = _Gen(random.Random(seed + 2), train_pairs)
+    post.paired = gen.paired
+    files["dpo"] = [post.dpo_pair(held=False) for _ in range(max(1, round(SIZES["dpo"] * scale)))]
+    files["dpo_eval"] = [post.dpo_pair(held=True) for _ in range(SIZES["dpo_eval"])]
+    files["grpo"] = [post.grpo_prompt() for _ in range(max(1, round(SIZES["grpo"] * scale)))]
     if template == "chatml":
         trng = random.Random(seed + 1)  # its own stream: the minimind2 files stay as they were
         flat = [p for ps in train_pairs.values() for p in ps]
@@ -1209,6 +1247,11 @@ def generate(
         files["eval"] += tool_records(trng, eval_pairs, None, EVAL_TOOL_PARTS, eval_set=True)
         for name in ("sft_512", "sft_1024", "r1_1024", "eval"):
             files[name] = [to_chatml(rec) for rec in files[name]]
+        for name in ("dpo", "dpo_eval"):
+            files[name] = [
+                {k: to_chatml({"conversations": rec[k]})["conversations"] for k in rec}
+                for rec in files[name]
+            ]
     _check_held_out(files)
     paths = {}
     for name in FILES:
@@ -1345,9 +1388,9 @@ def _check_held_out(files: dict[str, list[dict]]) -> None:
     question occurs as a training user turn, and no recall value in any training turn."""
     turns = [
         m["content"] or ""
-        for name in ("sft_512", "sft_1024", "r1_1024")
+        for name in ("sft_512", "sft_1024", "r1_1024", "dpo", "grpo")
         for rec in files[name]
-        for m in rec["conversations"]
+        for m in rec.get("conversations") or rec["chosen"]
         if m["role"] == "user"
     ]
     seen = set(turns)
@@ -1361,3 +1404,6 @@ def _check_held_out(files: dict[str, list[dict]]) -> None:
                 raise AssertionError(f"recall value {rec['answer']!r} also occurs in training")
         elif users[-1] in seen:
             raise AssertionError(f"eval prompt {users[-1]!r} also occurs in training data")
+    for rec in files["dpo_eval"]:
+        if rec["chosen"][-2]["content"] in seen:
+            raise AssertionError(f"held-out DPO prompt {rec['chosen'][-2]['content']!r} is trained")
