@@ -18,7 +18,19 @@ fi
 # runtime dependencies (torch, triton, tokenizers, gguf, ...) and the test extras. Among those,
 # llama-cpp-python builds llama.cpp from source (minutes; pip caches the wheel afterwards).
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+# A portable AVX2 build, not -march=native: on these Xeons native turns on ggml's AMX int8
+# path, and llama.cpp then segfaults decoding a q8_0 model inside this sandbox (tests/test_gguf).
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+export CMAKE_ARGS="${CMAKE_ARGS:-$LLAMA_CMAKE_ARGS}"
 .venv/bin/maturin develop --release --extras test -q
+# pip's wheel cache ignores CMAKE_ARGS, so a wheel built natively earlier would come back:
+# drop it and rebuild once (the portable wheel is cached in its place).
+if .venv/bin/python -c "import llama_cpp, sys; sys.exit('AMX_INT8 = 1' not in llama_cpp.llama_print_system_info().decode())"; then
+    echo "setup: the installed llama-cpp-python uses AMX; rebuilding it portable (minutes)"
+    LLAMA_VERSION=$(.venv/bin/python -c "import llama_cpp; print(llama_cpp.__version__)")
+    .venv/bin/python -m pip cache remove llama_cpp_python >/dev/null || true
+    .venv/bin/python -m pip install -q --force-reinstall --no-deps "llama-cpp-python==$LLAMA_VERSION"
+fi
 # The web page test drives a real headless browser: Debian's chromium.
 bash scripts/install_chromium.sh
 .venv/bin/python -c "import spongebob, spongebob.data, spongebob.kernels; print('spongebob', spongebob.__version__, 'ready')"
