@@ -32,6 +32,7 @@ from spongebob.dpo import (
     sequence_logps,
     token_logps,
 )
+from spongebob.errors import UserError
 from spongebob.runtime import Runtime
 from spongebob.step import optimizer_step
 from test_generate import make_checkpoint
@@ -394,9 +395,8 @@ def test_dpo_loss_plugs_into_optimizer_step_with_accumulation(pairs, ckpts):
 # --- against TRL ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trl_dpo(ckpts, tmp_path_factory):
-    """TRL's DPOTrainer (sigmoid loss, beta 0.1) on the exported policy and reference."""
+def _trl_trainer(ckpts, root: Path, loss_type: list[str], loss_weights=None):
+    """TRL's DPOTrainer (beta BETA) on the exported policy and reference."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -404,7 +404,6 @@ def trl_dpo(ckpts, tmp_path_factory):
 
     from spongebob.export import export_hf
 
-    root = tmp_path_factory.mktemp("dpo_hf")
     hf_pol, hf_ref = export_hf(ckpts[0], root / "policy"), export_hf(ckpts[1], root / "ref")
     model = AutoModelForCausalLM.from_pretrained(hf_pol, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(hf_ref, dtype=torch.float32)
@@ -416,7 +415,8 @@ def trl_dpo(ckpts, tmp_path_factory):
     args = DPOConfig(
         output_dir=str(root / "out"),
         beta=BETA,
-        loss_type=["sigmoid"],
+        loss_type=loss_type,
+        loss_weights=loss_weights,
         report_to="none",
         gradient_checkpointing=False,
         use_cpu=True,
@@ -431,6 +431,12 @@ def trl_dpo(ckpts, tmp_path_factory):
             model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok
         )
     return trainer
+
+
+@pytest.fixture(scope="module")
+def trl_dpo(ckpts, tmp_path_factory):
+    """TRL's DPOTrainer, sigmoid loss."""
+    return _trl_trainer(ckpts, tmp_path_factory.mktemp("dpo_hf"), ["sigmoid"])
 
 
 def trl_examples(pairs) -> list[dict]:
@@ -489,3 +495,45 @@ def test_loss_gradients_and_metrics_equal_trl_dpo_trainer(trl_dpo, pairs, ckpts)
         )
         compared += 1
     assert compared == len(hf_params)  # every weight (the tied lm_head is the embedding)
+
+
+def _grads_match(policy, trainer) -> None:
+    hf_params = dict(trainer.model.named_parameters())
+    for name, p in policy.named_parameters():
+        theirs = hf_params[f"model.{name}"].grad
+        assert p.grad is not None and theirs is not None, name
+        scale = float(theirs.abs().max())
+        torch.testing.assert_close(
+            p.grad, theirs, rtol=1e-4, atol=1e-4 * scale, msg=lambda s, n=name: f"{n}: {s}"
+        )
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
+def test_sft_weight_equals_trl_sigmoid_plus_sft_loss_and_gradients(pairs, ckpts, tmp_path):
+    """`--dpo-sft-weight w` is TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, w]:
+    the same loss and gradients on one batch; and it is more than the plain DPO loss."""
+    w = 0.5
+    trainer = _trl_trainer(ckpts, tmp_path, ["sigmoid", "sft"], [1.0, w])
+    inputs = trainer.data_collator(trl_examples(pairs))
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    trl_loss = trainer.compute_loss(trainer.model, inputs)
+    trl_loss.backward()
+
+    policy, ref = load(ckpts[0]).train(), load(ckpts[1])
+    batch = collate_pairs(pairs)
+    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference_logps(ref, batch)
+    fn = DPOLoss(BETA, sft_weight=w)
+    loss = fn(policy, batch, torch.tensor(float(len(pairs))))
+    loss.backward()
+    m = fn.pop_metrics()
+    plain, _ = dpo_loss(
+        *sequence_logps(policy, batch["input_ids"], batch["labels"]).chunk(2),
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"], BETA,
+    )  # fmt: skip
+    assert m["nll/chosen"] > 0.1  # the term is there and not negligible
+    assert loss.item() == pytest.approx(plain.item() + w * m["nll/chosen"], rel=1e-5)
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
+    _grads_match(policy, trainer)
+    with pytest.raises(UserError, match="SFT weight"):
+        DPOLoss(BETA, sft_weight=-1.0)

@@ -167,6 +167,9 @@ class TrainConfig:
     dpo_beta: float = opt(
         0.15, "DPO: β of the sigmoid loss (how far the policy may leave the reference)"
     )
+    dpo_sft_weight: float = opt(
+        0.0, "DPO: weight of an NLL term on the chosen replies (TRL's sigmoid + sft loss)"
+    )
     grpo_group: int = opt(8, "GRPO: completions sampled per prompt (the group)")
     grpo_max_new_tokens: int = opt(256, "GRPO: the longest completion, in tokens")
     grpo_temperature: float = opt(1.0, "GRPO: sampling temperature of the rollouts")
@@ -227,6 +230,8 @@ class TrainConfig:
             raise UserError("--rewards needs at least one reward")
         if self.dpo_beta <= 0:
             raise UserError(f"--dpo-beta must be positive, not {self.dpo_beta}")
+        if self.dpo_sft_weight < 0:
+            raise UserError(f"--dpo-sft-weight cannot be negative, not {self.dpo_sft_weight}")
         if self.val_split and self.eval_data:
             raise UserError("give either --eval-data or --val-split, not both")
         if self.dtype not in ("auto", "bf16", "fp32"):

@@ -444,6 +444,16 @@ def dpo_loss(
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
+def chosen_nll(token_lp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean −log p over the trained tokens of the chosen rows (the first half of a
+    `collate_pairs` batch): TRL's `sft` loss term. Added to DPO it keeps the policy raising
+    the chosen reply instead of only lowering both (DPO alone may push the rejected reply's
+    tokens down faster than the chosen one's rise, and take the shared format with them)."""
+    lp_chosen = token_lp.chunk(2)[0]
+    trained = labels.chunk(2)[0] != IGNORE
+    return -lp_chosen[trained].mean()
+
+
 def count_pairs(batches: Sequence[dict]) -> tuple[int, int]:
     """`count_fn` for `step.optimizer_step`: (pairs, tokens) of this rank's micro-batches.
     The pairs are the DPO normalizer, all-reduced over the ranks by the step."""
@@ -459,11 +469,16 @@ class DPOLoss:
     from `ref_model` run here under `no_grad`. `pop_metrics()` returns the pair-weighted means
     of the metrics since the last call (this rank's pairs)."""
 
-    def __init__(self, beta: float = 0.1, ref_model: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self, beta: float = 0.1, ref_model: torch.nn.Module | None = None, sft_weight: float = 0.0
+    ) -> None:
         if beta <= 0:
             raise UserError(f"DPO beta must be > 0, not {beta}")
+        if sft_weight < 0:
+            raise UserError(f"the DPO SFT weight cannot be negative, not {sft_weight}")
         self.beta = beta
         self.ref_model = ref_model
+        self.sft_weight = sft_weight
         self._sums: dict[str, float] = defaultdict(float)
 
     def __call__(self, model: torch.nn.Module, b: dict, normalizer: torch.Tensor):
@@ -475,8 +490,15 @@ class DPOLoss:
             raise ValueError(
                 "DPO batch without reference log-probs, and no ref_model to compute them"
             )
-        pol_c, pol_r = sequence_logps(model, b["input_ids"], b["labels"]).chunk(2)
+        token_lp = token_logps(model, b["input_ids"], b["labels"])
+        pol_c, pol_r = token_lp.sum(dim=-1).chunk(2)
         loss, metrics = dpo_loss(pol_c, pol_r, ref_c, ref_r, self.beta, num_pairs=normalizer)
+        if self.sft_weight:
+            # TRL's sigmoid + sft with loss_weights [1, w]: the micro-batch's mean NLL, weighted
+            # by its share of the step's pairs (exactly TRL's for one micro-batch a step).
+            nll = chosen_nll(token_lp, b["labels"])
+            loss = loss + self.sft_weight * nll * (pol_c.numel() / normalizer)
+            metrics["nll/chosen"] = nll.detach()
         n = float(metrics["pairs"])
         for k, v in metrics.items():
             self._sums[k] += float(v) * (n if k != "pairs" else 1.0)

@@ -391,7 +391,11 @@ def _preferences(st: Stage, resume: Path | None) -> None:
         if ds is not None:
             n = ds.attach_reference(ref, cache)
             st.rt.log(f"DPO reference log-probs: {n} computed, {len(ds.pairs) - n} from the cache")
-    st.loss_fn, st.count_fn, st.unit = DPOLoss(st.cfg.dpo_beta), count_pairs, "pairs"
+    st.loss_fn, st.count_fn, st.unit = (
+        DPOLoss(st.cfg.dpo_beta, sft_weight=st.cfg.dpo_sft_weight),
+        count_pairs,
+        "pairs",
+    )
 
 
 def _starting_model(st: Stage, resume: Path | None):
