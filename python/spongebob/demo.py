@@ -46,6 +46,7 @@ class DemoStage:
     max_steps: int | None = None
     warmup: int = 0
     dpo_beta: float | None = None
+    dpo_sft_weight: float | None = None
     grpo_group: int | None = None
     grpo_max_new_tokens: int | None = None
     eval_file: str | None = None  # a demo file the stage validates on
@@ -74,10 +75,11 @@ PLANS: dict[str, DemoPlan] = {
             "dpo": DemoStage(
                 seq_len=256,
                 batch_size=8,
-                lr=1e-4,
-                epochs=1,
+                lr=3e-4,
+                epochs=2,
                 warmup=5,
                 dpo_beta=0.1,
+                dpo_sft_weight=1.0,
                 eval_file="dpo_eval",
             ),
             "grpo": DemoStage(
@@ -102,9 +104,10 @@ PLANS: dict[str, DemoPlan] = {
             "dpo": DemoStage(
                 seq_len=256,
                 batch_size=4,
-                lr=1e-4,
+                lr=3e-4,
                 max_steps=10,
                 dpo_beta=0.1,
+                dpo_sft_weight=1.0,
                 eval_file="dpo_eval",
             ),
             "grpo": DemoStage(
