@@ -73,12 +73,13 @@ def records(run: Path) -> list[dict]:
 
 def test_dpo_learns_the_preferred_style_on_held_out_pairs(tmp_path, base):
     data = write_pairs(tmp_path / "pairs.jsonl", 32, seed=1)
-    held = write_pairs(tmp_path / "held.jsonl", 16, seed=2)
+    held = write_pairs(tmp_path / "held.jsonl", 18, seed=2)  # not a multiple of the batch
     r = train(dpo(tmp_path, data, base, "run", eval_data=[str(held)], max_steps=16, eval_every=1))
     evals = [x for x in records(tmp_path / "run") if "eval_accuracy" in x]
     # Before any update the policy is the reference: every margin is 0, so no pair is won.
     assert evals[0]["step"] == 1 and evals[-1]["step"] == 16
     assert evals[-1]["eval_accuracy"] >= 0.9 and evals[-1]["eval_margin"] > 0
+    assert all(x["eval_pairs"] == 18 for x in evals)  # every held-out pair, the short batch too
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < 0.70  # ln 2 = 0.693 at margin 0
     steps = [x for x in records(tmp_path / "run") if "loss" in x]
     assert {"rewards/accuracy", "rewards/margin", "logps/chosen", "pairs_per_s"} <= set(steps[-1])
@@ -150,3 +151,29 @@ def test_bad_pairs_and_bad_set_ups_are_one_line_errors(tmp_path, base):
         dpo(tmp_path, data, base, "r3", val_split=0.1)
     with pytest.raises(UserError, match="--dpo-beta"):
         dpo(tmp_path, data, base, "r4", dpo_beta=0.0)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_validate_every_held_out_pair_once(tmp_path, base):
+    """17 held-out pairs over 2 ranks at batch 2: rank 0 runs 5 validation batches (the last
+    short) and rank 1 runs 4, and the all-reduced count is every pair once, with the accuracy
+    of one process at the same global batch (the same updates)."""
+    from test_train import run_cli
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 32, seed=1)
+    held = write_pairs(tmp_path / "held.jsonl", 17, seed=2)
+    one = train(dpo(tmp_path, data, base, "one", eval_data=[str(held)], max_steps=2))
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29531", "-m", "spongebob", "train", "dpo", "--data", str(data),
+        "--eval-data", str(held), "--init", str(base), "--out", str(tmp_path / "two"),
+        "--seq-len", "128", "--batch-size", "2", "--accum", "1", "--max-steps", "2",
+        "--lr", "3e-3", "--dpo-beta", "0.5", "--device", "cpu", "--kernels", "torch",
+        "--no-progress", "--log-every", "1",
+    ]  # fmt: skip
+    run_cli(args)
+    assert one.step == 2
+    ev_one = [x for x in records(tmp_path / "one") if "eval_accuracy" in x][-1]
+    ev_two = [x for x in records(tmp_path / "two") if "eval_accuracy" in x][-1]
+    assert ev_one["eval_pairs"] == ev_two["eval_pairs"] == 17
+    assert ev_two["eval_accuracy"] == pytest.approx(ev_one["eval_accuracy"], abs=1e-6)

@@ -678,6 +678,13 @@ class EpochShards:
     def _batch(self, chunk: list, index: tuple[int, int]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def every_batch(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's share of every item, in file order, the last batch possibly short:
+        validation scores each held-out item once (training's epoch drops its tail)."""
+        mine = self.items[self.rank :: self.world_size]
+        for g in range(0, len(mine), self.batch_size):
+            yield self._batch(mine[g : g + self.batch_size], (-1, g // self.batch_size))
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batches = epoch, 0
 
@@ -746,14 +753,17 @@ class PairDataset(EpochShards):
 @torch.no_grad()
 def evaluate_pairs(model: torch.nn.Module, ds: PairDataset, rt, beta: float, max_batches: int = 0):
     """DPO loss, reward margin and preference accuracy over `ds` (all ranks): the share of
-    pairs whose chosen reply gains more log-probability over the reference than the rejected."""
+    pairs whose chosen reply gains more log-probability over the reference than the rejected.
+    Every pair counts once; the ranks may run different numbers of batches, so the forward
+    passes go to the unwrapped model (no DDP collective inside the loop)."""
     was_training = model.training
     model.eval()
+    inner = getattr(model, "module", model)
     sums = torch.zeros(4, dtype=torch.float64)  # pairs, loss, margin, correct
-    for n, b in enumerate(ds, 1):
+    for n, b in enumerate(ds.every_batch(), 1):
         b = {k: v.to(rt.device) for k, v in b.items()}
         with rt.autocast():
-            pol_c, pol_r = sequence_logps(model, b["input_ids"], b["labels"]).chunk(2)
+            pol_c, pol_r = sequence_logps(inner, b["input_ids"], b["labels"]).chunk(2)
         ref_c, ref_r = b["ref_chosen_logps"], b["ref_rejected_logps"]
         loss, m = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta)
         p = float(m["pairs"])
