@@ -367,7 +367,7 @@ def run_demo(
             checkpoint=str(result.final),
             init=meta.get("init"),
             extra={"by_task": s["by_task"], "by_split": s["by_split"], **_stage_metrics(stage_dir)},
-            **{k: s[k] for k in ("perplexity", *(c[0] for c in COLUMNS))},
+            **{k: s.get(k) for k in ("perplexity", *(c[0] for c in COLUMNS))},
         )
         scores.append(score)
         log(f"stage {stage}: trained {wall:.0f}s, eval {score.eval_s:.0f}s: {untrained_summary(s)}")
