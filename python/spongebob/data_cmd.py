@@ -97,7 +97,7 @@ def add_commands(sub) -> None:
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=_cmd_check)
 
-    d = dsub.add_parser("demo", help="generate the demo corpus (five jsonl files)")
+    d = dsub.add_parser("demo", help="generate the demo corpus (training, eval, DPO, GRPO files)")
     d.add_argument("--out", type=Path, required=True, metavar="DIR")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--scale", type=float, default=1.0, help="corpus size multiplier")
