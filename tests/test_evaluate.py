@@ -124,9 +124,12 @@ def test_long_records_are_cut_and_counted(chat_tok, tmp_path):
     assert got["tokens"] == sum(1 for x in w[1:41] if x > 0)
 
 
-def test_numbers_match_only_whole_numbers_and_text_case_insensitively():
+def test_numbers_match_only_the_final_whole_number_and_text_case_insensitively():
     assert contains("答案是13。", "13")
     assert not contains("答案是130。", "13") and not contains("113", "13")
+    # A trace that passes through the key but concludes otherwise does not count.
+    assert not contains("13 + 5 = 18", "13") and contains("8 + 5 = 13", "13")
+    assert contains("是-7。", "-7") and not contains("7 - 14 = -7，答：7", "-7")
     assert not contains("1.35", "1") and contains("3.5 + 1 = 4.5", "4.5")
     assert contains("The capital is PARIS.", "Paris")
     assert not contains("anything", "")

@@ -364,10 +364,16 @@ FACT_OPENINGS = {
             "麻烦告诉我，",
             "考考你：",
             "嗨，",
+            "不好意思，",
+            "请教一下，",
+            "同学，请问",
         ],
         ["劳驾，", "打扰一下，", "老师，请问"],
     ),
-    "en": (["", "", "Hi, ", "Hey, ", "Quick question: ", "Hello! "], ["Excuse me, ", "Sorry, "]),
+    "en": (
+        ["", "", "Hi, ", "Hey, ", "Quick question: ", "Hello! ", "Pardon me, ", "Hello there, "],
+        ["Excuse me, ", "Sorry, "],
+    ),
 }
 FACT_ENDINGS = {"zh": ["？", "?", "", "呢？"], "en": ["?", ""]}
 
@@ -386,6 +392,10 @@ QUESTIONS = {
             "能说一下{t}的首都吗",
             "{t}的首都在哪里",
             "说说{t}的首都",
+            "{t}的首都在什么地方",
+            "你可以告诉我{t}的首都是哪里吗",
+            "有人知道{t}的首都吗",
+            "{t}的首都究竟是哪里",
         ],
         ["{t}的首都在哪儿", "哪个城市是{t}的首都", "你能告诉我{t}的首都是哪里吗"],
     ),
@@ -400,6 +410,9 @@ QUESTIONS = {
             "能说一下{t}是什么吗",
             "说说{t}是什么",
             "{t}指的是什么",
+            "{t}究竟是什么",
+            "你可以告诉我{t}是什么吗",
+            "有人知道{t}是什么吗",
         ],
         ["{t}到底是什么", "你能告诉我{t}是什么吗", "谁知道{t}是什么"],
     ),
@@ -413,6 +426,9 @@ QUESTIONS = {
             "能说一下{t}是谁吗",
             "说说{t}是谁",
             "{t}是哪一位",
+            "{t}究竟是谁",
+            "你可以告诉我{t}是谁吗",
+            "有人知道{t}是谁吗",
         ],
         ["{t}到底是谁", "你能告诉我{t}是谁吗", "谁知道{t}是谁"],
     ),
@@ -426,6 +442,9 @@ QUESTIONS = {
             "能说一下{t}是哪一年吗",
             "说说{t}是在哪一年",
             "{t}发生在哪一年",
+            "{t}究竟是哪一年",
+            "你可以告诉我{t}是在哪一年吗",
+            "有人知道{t}是哪一年吗",
         ],
         ["{t}到底是哪一年", "你能告诉我{t}是在哪一年吗", "谁知道{t}是哪一年"],
     ),
@@ -440,6 +459,9 @@ EN_QUESTIONS = {
             "do you know the capital of {t}",
             "name the capital city of {t}",
             "what city is the capital of {t}",
+            "can you tell me the capital of {t}",
+            "I want to know the capital of {t}",
+            "which city is the capital city of {t}",
         ],
         ["could you tell me the capital of {t}", "what is the capital city of {t}"],
     ),
@@ -532,12 +554,15 @@ EN_GREETING_ANSWERS = ["Hello! I'm SpongeBob. What can I do for you today?"]
 IDENTITY_FORMS = {
     "zh": (
         ["你是谁", "你叫什么名字", "介绍一下你自己", "你是什么", "请做个自我介绍", "你的名字叫什么",
-         "你是哪位", "怎么称呼你"],
+         "你是哪位", "怎么称呼你", "你叫什么", "你是谁呀", "能告诉我你的名字吗", "说说你自己",
+         "你是做什么的", "我在和谁说话", "你有名字吗", "你是什么助手", "请问你叫什么",
+         "你究竟是谁", "你又是谁", "你可以介绍一下你自己吗", "我应该叫你什么"],
         ["你到底是谁", "你能介绍一下你自己吗", "我该怎么称呼你"],
     ),
     "en": (
         ["who are you", "what is your name", "introduce yourself", "what are you",
-         "please introduce yourself", "tell me about yourself"],
+         "please introduce yourself", "tell me about yourself", "what should I call you",
+         "what's your name", "tell me who you are", "who is this", "are you an assistant"],
         ["could you introduce yourself", "who am I talking to"],
     ),
 }  # fmt: skip
@@ -564,6 +589,28 @@ ITEMS = [
     ("饼干", "块"),
 ]
 EN_ITEMS = ["apples", "pencils", "books", "candies", "balloons", "stickers"]
+
+
+# Everyday sentences for pretraining: the words the held-out wording families are made of
+# ("劳驾", "到底", "Excuse me", ...) occur here, never in a fact or identity question, so an
+# unseen family tests combining known words in a new way, not reading a word never seen.
+EVERYDAY = {
+    "zh": [
+        "劳驾，请让一下。", "劳驾帮我开一下门。", "打扰一下，请问洗手间在哪儿？",
+        "不好意思，打扰一下，现在几点了？", "你到底想去哪儿？", "这道题到底怎么做？",
+        "谁知道明天会不会下雨？", "谁知道这本书是谁的？", "你能告诉我去车站怎么走吗？",
+        "你能告诉我现在几点吗？", "我的钥匙放在哪儿了？", "你能帮我一个忙吗？",
+        "老师，请问明天考试吗？", "他到底来不来？", "打扰了，我先走了。", "劳驾，递一下盐。",
+        "你在哪儿？我在门口等你。", "谁知道呢，也许吧。", "我该怎么做才好？",
+    ],
+    "en": [
+        "Excuse me, where is the station?", "Sorry, I did not hear you.",
+        "Could you open the window?", "Could you tell me the time?",
+        "They are talking about the weather.", "Sorry, I am late.",
+        "Excuse me, is this seat free?", "I was talking to my friend.",
+        "Could you help me with this box?", "What is the time?",
+    ],
+}  # fmt: skip
 
 
 def _pick(rng: random.Random, xs: list):
@@ -755,6 +802,25 @@ STORIES = {
         ),
     },
 }
+# More training stories, composed from parts (a start, the operator's cue, a question), so the
+# model keys the operator on its cue words ("又…" adds, "…还剩" subtracts, "每…" multiplies)
+# instead of memorising a few whole stories. The held-out stories above are not among them.
+_STARTS = ["{n}有{a}{u}{i}", "盒子里有{a}{u}{i}", "篮子里有{a}{u}{i}", "{n}攒了{a}{u}{i}",
+           "桌上有{a}{u}{i}", "{n}买了{a}{u}{i}"]  # fmt: skip
+_COMPOSED = {
+    "+": (_STARTS, ["{m}又给了{n}{b}{u}", "后来又买了{b}{u}", "又放进去{b}{u}", "{m}又送来{b}{u}",
+                    "又找到{b}{u}", "又多了{b}{u}"],
+          ["现在一共有多少{u}{i}？", "一共有多少{u}？", "现在有几{u}{i}？", "加起来有多少{u}？"]),
+    "-": (_STARTS, ["送给{m}{b}{u}", "用掉了{b}{u}", "拿走了{b}{u}", "吃掉了{b}{u}", "弄丢了{b}{u}",
+                    "分给朋友{b}{u}"],
+          ["还剩多少{u}{i}？", "还剩下多少{u}？", "还剩几{u}？", "现在还剩多少{u}？"]),
+    "×": (["每个盒子里有{a}{u}{i}", "每袋装{a}{u}{i}", "每个篮子放{a}{u}{i}", "每组有{a}{u}{i}"],
+          ["一共有{b}个盒子", "有{b}袋", "有{b}个篮子", "一共{b}组", "{n}拿了{b}份"],
+          ["一共有多少{u}{i}？", "一共多少{u}？", "总共有几{u}？"]),
+}  # fmt: skip
+for _op, (_s, _m, _q) in _COMPOSED.items():
+    STORIES["zh"][_op][0].extend(f"{a}，{b}，{c}" for a in _s for b in _m for c in _q)
+
 OP_WORDS = {
     "zh": {"+": "这是加法", "-": "这是减法", "×": "这是乘法"},
     "en": {"+": "This is addition", "-": "This is subtraction", "×": "This is multiplication"},
@@ -939,7 +1005,7 @@ class _Gen:
                 ],
             )
             return {"text": f"<s>{body}</s>"}
-        if r < 0.22:
+        if r < 0.17:
             lines = []
             for _ in range(rng.randint(4, 8)):
                 if rng.random() < 0.5:  # the single-digit facts the traces are built from
@@ -953,6 +1019,17 @@ class _Gen:
                 v = apply_op(op, a, b)
                 lines.append(_pick(rng, [f"{a}{word}{b}等于{v}。", f"{a} {op} {b} = {v}。"]))
             return {"text": "<s>算术练习：" + "".join(lines) + "</s>"}
+        if r < 0.30:
+            return {"text": "<s>" + "\n\n".join(self.worked_problem() for _ in range(2)) + "</s>"}
+        if r < 0.40:
+            return {"text": f"<s>{self.profile()}</s>"}
+        if r < 0.55:
+            return {"text": "<s>" + "".join(self.drill() for _ in range(3)) + "</s>"}
+        if r < 0.60:
+            lang = "en" if rng.random() < 0.3 else "zh"
+            sents = rng.sample(EVERYDAY[lang], rng.randint(3, 6))
+            head = "Everyday English: " if lang == "en" else "日常用语："
+            return {"text": "<s>" + head + " ".join(sents) + "</s>"}
         kind = _pick(rng, ["capital", "capital", "thing", "thing", "who", "year"])
         pool = [f for f in FACTS if f.kind == kind]
         chosen = rng.sample(pool, min(len(pool), rng.randint(3, 6)))
@@ -965,20 +1042,67 @@ class _Gen:
         sents = [_fmt(_pick(rng, ENCYCLOPEDIA[kind]), f.topic, f.answer) for f in chosen]
         return {"text": f"<s>{_pick(rng, SECTION_TITLES[kind])}：" + "".join(sents) + "</s>"}
 
+    def worked_problem(self) -> str:
+        """A textbook example: a training word problem and its worked solution as plain text,
+        so pretraining already copies numbers out of a story and works them digit by digit."""
+        p = _problem(*self.arith_pair(), self.rng, en=False)
+        return f"例题：{p.question}\n解：{p.think}\n答：{p.value}。"
+
+    def drill(self) -> str:
+        """A read-back drill: a list of names, cities or digits, then the same list again.
+        Every token of the repeat is predictable only by attending back to the first reading,
+        the skill recall and the arithmetic traces rest on, taught densely enough to form
+        within a CPU budget. Training values only."""
+        rng = self.rng
+        kind = _pick(rng, ["name", "name", "city", "digits"])
+        if kind == "digits":
+            items = [str(rng.randrange(10)) for _ in range(rng.randint(4, 9))]
+            sep, head = " ", "数字"
+        elif kind == "name":
+            items = rng.sample(recall_values("name", False), rng.randint(2, 5))
+            sep, head = "、", "名单"
+        else:
+            items = [f.answer for f in rng.sample(self.capitals, rng.randint(2, 5))]
+            sep, head = "、", "城市"
+        text = sep.join(items)
+        return f"{head}：{text}。再读一遍：{text}。"
+
+    def profile(self) -> str:
+        """A short profile and questions on it (reading comprehension): a name, a city and a
+        number stated once and asked for later, which is what recall needs — attending back
+        to a value given earlier in the text. Training values only."""
+        rng = self.rng
+        name = _pick(rng, recall_values("name", False))
+        city, number = _pick(rng, self.capitals).answer, _pick(rng, recall_values("number", False))
+        facts = [(f"{name}住在{city}。", f"{name}住在哪里？", city),
+                 (f"{name}最喜欢的数字是{number}。", f"{name}最喜欢的数字是多少？", number),
+                 (f"{name}的房间号是{number}。", f"{name}的房间号是多少？", number)]  # fmt: skip
+        stated = rng.sample(facts[:2], 2) if rng.random() < 0.7 else [facts[0], facts[2]]
+        filler = [answer_sentence(f) for f in rng.sample(FACTS, rng.randint(1, 3))]
+        asked = rng.sample(stated, len(stated))
+        qa = "".join(f"问：{q}答：{a}。" for _, q, a in asked)
+        return f"{name}的小档案：" + "".join(s for s, _, _ in stated) + "".join(filler) + qa
+
     def sft_512(self) -> dict:
-        r = self.rng.random()
-        if r < 0.72:
-            return _conv(self.fact_turn()[:2])
-        if r < 0.87:
-            return _conv(self.identity_turn())
-        if r < 0.95:
-            q, a, f = self.fact_turn(en_rate=0, pool=self.capitals)
-            fq, fa, _ = self.follow_up(f)
-            turns = [(q, a), (fq, fa)]
-            if self.rng.random() < 0.5:
-                turns.append(_pick(self.rng, THANKS[:2]))
-            return _conv(*turns)
-        return _conv(self.arith_turn())
+        """One to three exchanges (facts, identity and greetings, a capital with a follow-up,
+        a word problem answered directly): several exchanges share one system prompt, which
+        is most of a one-question conversation's tokens."""
+        turns: list[tuple[str, str]] = []
+        for _ in range(_pick(self.rng, [1, 1, 2, 2, 3])):
+            r = self.rng.random()
+            if r < 0.72:
+                turns.append(self.fact_turn()[:2])
+            elif r < 0.87:
+                turns.append(self.identity_turn())
+            elif r < 0.95:
+                q, a, f = self.fact_turn(en_rate=0, pool=self.capitals)
+                fq, fa, _ = self.follow_up(f)
+                turns += [(q, a), (fq, fa)]
+                if self.rng.random() < 0.5:
+                    turns.append(_pick(self.rng, THANKS[:2]))
+            else:
+                turns.append(self.arith_turn())
+        return _conv(*turns)
 
     def long_answer(self) -> tuple[str, str]:
         """A list answer of 12–27 facts: the long replies the 1024 stage is for."""
@@ -1027,30 +1151,39 @@ class _Gen:
         return _pick(self.rng, THANKS[:2]), None
 
     def sft_1024(self) -> dict:
-        """A long conversation of 480–820 estimated tokens (measured at seed 0: mostly
-        450–1050 with a 2048 vocab trained on this corpus). Most state one or two things early
-        (a name, a number, a city) and ask for them turns later: recall that needs the
-        context. The rest are list answers, facts with follow-ups, small talk, arithmetic."""
+        """A multi-turn dialogue of 200–550 estimated tokens (about 250–800 real ones) in which
+        the user states one to three things (a name, a number, a city), mostly early, and asks
+        for each of them two to five turns later, some twice: recall that needs the context,
+        several times per dialogue, so the stage sees many examples of it for its compute.
+        Between them: facts, follow-ups, identity, small talk, arithmetic, a list answer."""
         rng = self.rng
         turns: list[tuple[str, str]] = [self.identity_turn()] if rng.random() < 0.3 else []
-        stated: list[tuple[str, str]] = []
-        if rng.random() < 0.8:
-            for slot in rng.sample(list(RECALL_SLOTS), rng.randint(1, 2)):
+        slots = rng.sample(list(RECALL_SLOTS), rng.randint(1, 3))
+        pending: list[list] = []  # [slot, value, turns still to wait]
+        target = rng.randint(200, 550)
+        prev: Fact | None = None
+        while slots or pending or _estimate_tokens(turns) < target:
+            due = [p for p in pending if p[2] <= 0]
+            if due:
+                slot, v, _ = due[0]
+                pending.remove(due[0])
+                turns.append(self.ask(slot, v))
+                if rng.random() < 0.3:  # asked again later
+                    pending.append([slot, v, rng.randint(2, 4)])
+                continue
+            if slots and (not turns or rng.random() < 0.5):
+                slot = slots.pop(0)
                 q, a, v = self.say(slot)
                 turns.append((q, a))
-                stated.append((slot, v))
-        target = rng.randint(480, 820)
-        prev: Fact | None = None
-        since = 0
-        while _estimate_tokens(turns) < target or stated:
-            if stated and since >= 2 and rng.random() < 0.3:
-                slot, v = stated.pop(0)
-                turns.append(self.ask(slot, v))
-                since = 0
+                pending.append([slot, v, rng.randint(2, 5)])
                 continue
-            turn, prev = self.filler(prev, long_ok=_estimate_tokens(turns) < 400)
+            if rng.random() < 0.1:
+                turn, prev = self.identity_turn(), None
+            else:
+                turn, prev = self.filler(prev, long_ok=_estimate_tokens(turns) < 350)
             turns.append(turn)
-            since += 1
+            for p in pending:
+                p[2] -= 1
         return _conv(*turns)
 
     def r1(self) -> dict:
@@ -1164,9 +1297,9 @@ def _estimate_tokens(turns: list[tuple[str, str]]) -> int:
 # Record counts at scale 1.0; eval is not scaled (see `generate`).
 SIZES = {
     "pretrain": 6000,
-    "sft_512": 8000,
-    "sft_1024": 800,
-    "r1_1024": 6000,
+    "sft_512": 6000,
+    "sft_1024": 1000,
+    "r1_1024": 10000,
     "eval_arith": {"+": 32, "-": 32, "×": 16},
     "eval_recall": 45,
     "tool": 2400,

@@ -11,7 +11,8 @@ For every file (pretrain `{"text"}` or chat `{"conversations"}` jsonl, detected 
   turn is the prompt, the model answers greedily, and we count
   - exact: the reply (its `<answer>` part for reasoning prompts), stripped of surrounding
     whitespace and punctuation, equals the key or the reference reply;
-  - contains: the key occurs in the reply (digit-bounded for numbers, so "13" is not in "130");
+  - contains: the key occurs in the reply; a number must be the reply's last number (so "13"
+    is not in "130", nor in "13 + 5 = 18");
   - for reasoning prompts (the reference reply has `<think>` or `reasoning_content`, or
     `"mode": "reason"`): the share of well-formed replies (`<think>…</think><answer>…</answer>`;
     for a chatml-family model, prompted with its think block open, `…</think>` then the answer);
@@ -217,12 +218,14 @@ def normalize(s: str) -> str:
 
 
 def contains(reply: str, key: str) -> bool:
-    """`key` in `reply`; a number must stand alone (not part of a longer number)."""
+    """`key` in `reply`; a number must be the reply's last number (the one it concludes with),
+    so a worked line that passes through the value, or a run of guesses, does not count."""
     key = key.strip()
     if not key:
         return False
     if re.fullmatch(r"-?\d+(\.\d+)?", key):
-        return re.search(rf"(?<![\d.]){re.escape(key)}(?![\d]|\.\d)", reply) is not None
+        numbers = re.findall(r"-?\d+(?:\.\d+)?", reply)
+        return bool(numbers) and float(numbers[-1]) == float(key)
     return key.casefold() in reply.casefold()
 
 
