@@ -396,6 +396,7 @@ QUESTIONS = {
             "你可以告诉我{t}的首都是哪里吗",
             "有人知道{t}的首都吗",
             "{t}的首都究竟是哪里",
+            "你能说说{t}的首都是哪座城市吗",
         ],
         ["{t}的首都在哪儿", "哪个城市是{t}的首都", "你能告诉我{t}的首都是哪里吗"],
     ),
@@ -413,6 +414,7 @@ QUESTIONS = {
             "{t}究竟是什么",
             "你可以告诉我{t}是什么吗",
             "有人知道{t}是什么吗",
+            "你能说说{t}是什么吗",
         ],
         ["{t}到底是什么", "你能告诉我{t}是什么吗", "谁知道{t}是什么"],
     ),
@@ -429,6 +431,7 @@ QUESTIONS = {
             "{t}究竟是谁",
             "你可以告诉我{t}是谁吗",
             "有人知道{t}是谁吗",
+            "你能说说{t}是谁吗",
         ],
         ["{t}到底是谁", "你能告诉我{t}是谁吗", "谁知道{t}是谁"],
     ),
@@ -445,6 +448,7 @@ QUESTIONS = {
             "{t}究竟是哪一年",
             "你可以告诉我{t}是在哪一年吗",
             "有人知道{t}是哪一年吗",
+            "你能说说{t}是哪一年吗",
         ],
         ["{t}到底是哪一年", "你能告诉我{t}是在哪一年吗", "谁知道{t}是哪一年"],
     ),
@@ -643,6 +647,13 @@ def _conv(*turns: tuple[str, str]) -> dict:
 def reasoning(think: str, answer: str) -> str:
     """Assistant content in the distillation format (contracts.md §1)."""
     return f"<think>\n{think}\n</think>\n<answer>\n{answer}\n</answer>"
+
+
+def identity_reasoning(answer: str, en: bool) -> str:
+    """The distillation reply to an identity question."""
+    if en:
+        return reasoning("The user asks who I am.\nI am SpongeBob, an AI assistant.", answer)
+    return reasoning("用户想知道我是谁。\n我是 SpongeBob，一个人工智能助手。", answer)
 
 
 def answer_sentence(fact: Fact, en: bool = False, template: int = 0) -> str:
@@ -939,7 +950,7 @@ class _Gen:
         n = len((EN_ANSWERS if en else ANSWERS)[f.kind])
         return answer_sentence(f, en, self.rng.randrange(n))
 
-    def fact_turn(self, en_rate: float = 0.15, pool: list[Fact] | None = None) -> tuple:
+    def fact_turn(self, en_rate: float = 0.2, pool: list[Fact] | None = None) -> tuple:
         f = _pick(self.rng, pool or FACTS)
         en = bool(f.en_topic) and self.rng.random() < en_rate
         return self.question(f, en), self.answer(f, en), f
@@ -1023,9 +1034,7 @@ class _Gen:
             return {"text": "<s>" + "\n\n".join(self.worked_problem() for _ in range(2)) + "</s>"}
         if r < 0.40:
             return {"text": f"<s>{self.profile()}</s>"}
-        if r < 0.55:
-            return {"text": "<s>" + "".join(self.drill() for _ in range(3)) + "</s>"}
-        if r < 0.60:
+        if r < 0.45:
             lang = "en" if rng.random() < 0.3 else "zh"
             sents = rng.sample(EVERYDAY[lang], rng.randint(3, 6))
             head = "Everyday English: " if lang == "en" else "日常用语："
@@ -1047,25 +1056,6 @@ class _Gen:
         so pretraining already copies numbers out of a story and works them digit by digit."""
         p = _problem(*self.arith_pair(), self.rng, en=False)
         return f"例题：{p.question}\n解：{p.think}\n答：{p.value}。"
-
-    def drill(self) -> str:
-        """A read-back drill: a list of names, cities or digits, then the same list again.
-        Every token of the repeat is predictable only by attending back to the first reading,
-        the skill recall and the arithmetic traces rest on, taught densely enough to form
-        within a CPU budget. Training values only."""
-        rng = self.rng
-        kind = _pick(rng, ["name", "name", "city", "digits"])
-        if kind == "digits":
-            items = [str(rng.randrange(10)) for _ in range(rng.randint(4, 9))]
-            sep, head = " ", "数字"
-        elif kind == "name":
-            items = rng.sample(recall_values("name", False), rng.randint(2, 5))
-            sep, head = "、", "名单"
-        else:
-            items = [f.answer for f in rng.sample(self.capitals, rng.randint(2, 5))]
-            sep, head = "、", "城市"
-        text = sep.join(items)
-        return f"{head}：{text}。再读一遍：{text}。"
 
     def profile(self) -> str:
         """A short profile and questions on it (reading comprehension): a name, a city and a
@@ -1192,42 +1182,51 @@ class _Gen:
         reason mode answers every kind of prompt with <think> and <answer>."""
         rng = self.rng
         r = rng.random()
-        if r < 0.55:
+        if r < 0.5:
             p = _problem(*self.arith_pair(), rng, en=rng.random() < 0.15)
             return _conv((p.question, reasoning(p.think, str(p.value))))
-        if r < 0.88:
-            q, a, f = self.fact_turn(en_rate=0.1)
+        if r < 0.85:
+            q, a, f = self.fact_turn(en_rate=0.25)
             return _conv((q, self.fact_reasoning(q, a, f)))
-        if r < 0.96:
-            think = "用户想知道我是谁。\n我是 SpongeBob，一个人工智能助手。"
-            return _conv(
-                (self.identity_question(False), reasoning(think, _pick(rng, IDENTITY_ANSWERS)))
-            )
+        if r < 0.95:
+            en = rng.random() < 0.25
+            answer = _pick(rng, EN_IDENTITY_ANSWERS if en else IDENTITY_ANSWERS)
+            return _conv((self.identity_question(en), identity_reasoning(answer, en)))
         think = "用户在打招呼。\n我应该友好地回应。"
         return _conv((_pick(rng, GREETINGS), reasoning(think, _pick(rng, GREETING_ANSWERS))))
 
     def fact_reasoning(self, q: str, a: str, f: Fact) -> str:
-        """The distillation reply to a fact question: a short recollection, then the answer."""
+        """The distillation reply to a fact question: the fact recalled at once, as the sentence
+        SFT answers with, then the answer. A first line that restates the question's topic
+        ("用户问的是…") had to copy it out of the question, which this model size does not
+        learn in the demo's budget: it named the wrong country in half the unseen wordings."""
         if q.isascii():
-            return reasoning(
-                f"The user asks about {f.en_topic}.\nI remember: {answer_sentence(f, True)}", a
-            )
-        return reasoning(f"用户问的是{f.topic}。\n我记得{answer_sentence(f)}", a)
+            return reasoning(f"I remember: {answer_sentence(f, True)}", a)
+        return reasoning(f"我记得{answer_sentence(f)}", a)
 
     def dpo_pair(self, held: bool) -> dict:
-        """A preference pair on a fact question: both replies reason and answer alike; the
-        chosen one adds a sign-off (`SIGN_OFF`) that no other file teaches, so the preference
-        is learned from the pairs alone. `held` asks in an unseen wording family (eval)."""
-        f = _pick(self.rng, FACTS)
-        en = bool(f.en_topic) and self.rng.random() < 0.15
-        q = self.eval_question(f, en, "unseen_family") if held else self.question(f, en)
-        a = answer_sentence(f, en) if held else self.answer(f, en)
-        sign = SIGN_OFF["en" if en else "zh"]
+        """A preference pair on a fact question (or, one in five, an identity question): both
+        replies reason and answer alike; the chosen one adds a sign-off (`SIGN_OFF`) that no
+        other file teaches, so the preference is learned from the pairs alone. Identity pairs
+        keep DPO's SFT term from teaching every prompt a fact's reply (identity fell from 100 %
+        to 8 % with fact pairs alone). `held` asks in an unseen wording family (eval)."""
+        rng = self.rng
+        if rng.random() < 0.2:
+            en = rng.random() < 0.25
+            q = self.identity_question(en, held=held)
+            a = (EN_IDENTITY_ANSWERS if en else IDENTITY_ANSWERS)[0 if held else rng.randrange(2)]
+            sign = SIGN_OFF["en" if en else "zh"]
+            chosen, rejected = identity_reasoning(f"{a} {sign}", en), identity_reasoning(a, en)
+        else:
+            f = _pick(rng, FACTS)
+            en = bool(f.en_topic) and rng.random() < 0.15
+            q = self.eval_question(f, en, "unseen_family") if held else self.question(f, en)
+            a = answer_sentence(f, en) if held else self.answer(f, en)
+            sign = SIGN_OFF["en" if en else "zh"]
+            chosen = self.fact_reasoning(q, f"{a} {sign}", f)
+            rejected = self.fact_reasoning(q, a, f)
         user = _user(q)
-        return {
-            "chosen": [user, _assistant(self.fact_reasoning(q, f"{a} {sign}", f))],
-            "rejected": [user, _assistant(self.fact_reasoning(q, a, f))],
-        }
+        return {"chosen": [user, _assistant(chosen)], "rejected": [user, _assistant(rejected)]}
 
     def grpo_prompt(self) -> dict:
         """A training word problem as an RL prompt: the question and the reference answer that
@@ -1298,7 +1297,7 @@ def _estimate_tokens(turns: list[tuple[str, str]]) -> int:
 SIZES = {
     "pretrain": 6000,
     "sft_512": 6000,
-    "sft_1024": 1000,
+    "sft_1024": 700,
     "r1_1024": 10000,
     "eval_arith": {"+": 32, "-": 32, "×": 16},
     "eval_recall": 45,
