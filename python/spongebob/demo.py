@@ -104,7 +104,7 @@ PLANS: dict[str, DemoPlan] = {
             "dpo": DemoStage(
                 seq_len=256,
                 batch_size=4,
-                lr=3e-4,
+                lr=1e-4,
                 max_steps=10,
                 dpo_beta=0.1,
                 dpo_sft_weight=1.0,
