@@ -22,7 +22,9 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 # path, and llama.cpp then segfaults decoding a q8_0 model inside this sandbox (tests/test_gguf).
 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 export CMAKE_ARGS="${CMAKE_ARGS:-$LLAMA_CMAKE_ARGS}"
-.venv/bin/maturin develop --release --extras test -q
+# maturin installs into $VIRTUAL_ENV when one is set: name ours, so a venv the user has active
+# (another checkout's, say) is left alone.
+VIRTUAL_ENV="$PWD/.venv" .venv/bin/maturin develop --release --extras test -q
 # pip's wheel cache ignores CMAKE_ARGS, so a wheel built natively earlier would come back:
 # drop it and rebuild once (the portable wheel is cached in its place).
 if .venv/bin/python -c "import llama_cpp, sys; sys.exit('AMX_INT8 = 1' not in llama_cpp.llama_print_system_info().decode())"; then
