@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+import reference as ref
+
 # `python -m pytest` puts the repository root on sys.path, where the top-level `kernels` folder
 # (a link to spongebob/kernels) shadows the PyPI package `kernels` that transformers ≥ 5.25
 # imports as soon as it is installed (ImportError: cannot import name 'CUDAProperties').
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-
-import reference as ref
 
 VOCAB = 800
 
