@@ -233,7 +233,7 @@ def test_eval_prompts_never_occur_in_training_but_their_facts_do(full):
 
 
 def test_pretraining_copies_values_from_context_with_training_values_only(full):
-    """Worked problems and profiles teach pretraining to attend back to a number or name
+    """Worked problems and profiles give pretraining text that asks back for a number or name
     stated earlier; they use training pairs and values, and the held-out wording families'
     words occur in everyday sentences but never in a question about a fact."""
     texts = [r["text"] for r in full["pretrain"]]

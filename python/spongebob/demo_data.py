@@ -1053,14 +1053,15 @@ class _Gen:
 
     def worked_problem(self) -> str:
         """A textbook example: a training word problem and its worked solution as plain text,
-        so pretraining already copies numbers out of a story and works them digit by digit."""
+        so pretraining already sees numbers carried from a story into a digit-by-digit trace."""
         p = _problem(*self.arith_pair(), self.rng, en=False)
         return f"例题：{p.question}\n解：{p.think}\n答：{p.value}。"
 
     def profile(self) -> str:
         """A short profile and questions on it (reading comprehension): a name, a city and a
-        number stated once and asked for later, which is what recall needs — attending back
-        to a value given earlier in the text. Training values only."""
+        number stated once and asked for later, the shape of recall (attending back to a value
+        given earlier). At the demo's budget the model does not learn that (README). Training
+        values only."""
         rng = self.rng
         name = _pick(rng, recall_values("name", False))
         city, number = _pick(rng, self.capitals).answer, _pick(rng, recall_values("number", False))
@@ -1215,18 +1216,23 @@ class _Gen:
             en = rng.random() < 0.25
             q = self.identity_question(en, held=held)
             a = (EN_IDENTITY_ANSWERS if en else IDENTITY_ANSWERS)[0 if held else rng.randrange(2)]
-            sign = SIGN_OFF["en" if en else "zh"]
-            chosen, rejected = identity_reasoning(f"{a} {sign}", en), identity_reasoning(a, en)
+
+            def reply(text: str) -> str:
+                return identity_reasoning(text, en)
         else:
             f = _pick(rng, FACTS)
             en = bool(f.en_topic) and rng.random() < 0.15
             q = self.eval_question(f, en, "unseen_family") if held else self.question(f, en)
             a = answer_sentence(f, en) if held else self.answer(f, en)
-            sign = SIGN_OFF["en" if en else "zh"]
-            chosen = self.fact_reasoning(q, f"{a} {sign}", f)
-            rejected = self.fact_reasoning(q, a, f)
+
+            def reply(text: str) -> str:
+                return self.fact_reasoning(q, text, f)
+        sign = SIGN_OFF["en" if en else "zh"]
         user = _user(q)
-        return {"chosen": [user, _assistant(chosen)], "rejected": [user, _assistant(rejected)]}
+        return {
+            "chosen": [user, _assistant(reply(f"{a} {sign}"))],
+            "rejected": [user, _assistant(reply(a))],
+        }
 
     def grpo_prompt(self) -> dict:
         """A training word problem as an RL prompt: the question and the reference answer that
