@@ -1227,6 +1227,7 @@ class _Gen:
 
             def reply(text: str) -> str:
                 return self.fact_reasoning(q, text, f)
+
         sign = SIGN_OFF["en" if en else "zh"]
         user = _user(q)
         return {
