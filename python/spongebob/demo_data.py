@@ -1162,7 +1162,7 @@ class _Gen:
                 if rng.random() < 0.3:  # asked again later
                     pending.append([slot, v, rng.randint(2, 4)])
                 continue
-            if slots and (not turns or rng.random() < 0.5):
+            if slots and turns and rng.random() < 0.5:
                 slot = slots.pop(0)
                 q, a, v = self.say(slot)
                 turns.append((q, a))
@@ -1302,7 +1302,7 @@ def _estimate_tokens(turns: list[tuple[str, str]]) -> int:
 
 # Record counts at scale 1.0; eval is not scaled (see `generate`).
 SIZES = {
-    "pretrain": 6000,
+    "pretrain": 15000,
     "sft_512": 6000,
     "sft_1024": 700,
     "r1_1024": 10000,
