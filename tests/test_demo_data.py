@@ -293,20 +293,11 @@ def test_corpus_is_chinese_first_with_some_english(full):
 POST = ("dpo", "dpo_eval", "grpo")
 
 
-def _worked(reply: str) -> tuple[int, int, int]:
-    """(a op b, the answer) of a reasoning reply to a word problem."""
-    a, op, b = re.search(r"(\d+) ([+\-×]) (\d+)", reply).groups()
-    answer = int(re.search(r"<answer>\s*(\d+)\s*</answer>", reply).group(1))
-    return apply_op(op, int(a), int(b)), answer, int(b)
-
-
 def test_dpo_pairs_differ_only_by_the_sign_off_and_held_out_prompts_are_never_trained(
     small, tokenizer
 ):
     """The preference is one thing (the closing line), so a held-out accuracy measures that
-    style; the held-out pairs ask in wording families no training file has. Training pairs
-    without the sign-off are word problems worked right against worked with an operand one
-    off, each answer following from its own trace."""
+    style; the held-out pairs ask in wording families no training file has."""
     from spongebob.dpo import PairReader
     from spongebob.grpo import PromptReader
 
@@ -319,20 +310,11 @@ def test_dpo_pairs_differ_only_by_the_sign_off_and_held_out_prompts_are_never_tr
     for name in ("dpo", "dpo_eval"):
         recs = _read(small[name])
         assert recs, name
-        arith = 0
         for rec in recs:
             c, r = rec["chosen"][-1]["content"], rec["rejected"][-1]["content"]
             assert rec["chosen"][:-1] == rec["rejected"][:-1]
-            sign = next((v for v in SIGN_OFF.values() if v in c), None)
-            if sign is None:
-                arith += 1
-                (value, answer, b), (wrong, wrong_answer, wrong_b) = _worked(c), _worked(r)
-                assert value == answer and wrong == wrong_answer != answer
-                assert abs(b - wrong_b) == 1 and str(b) in rec["chosen"][-2]["content"]
-                assert not any(v in r for v in SIGN_OFF.values())
-                continue
+            sign = next(v for v in SIGN_OFF.values() if v in c)
             assert c.replace(f" {sign}", "") == r and sign not in r
-        assert (arith > 0) == (name == "dpo"), name
         if name == "dpo_eval":
             assert not {rec["chosen"][-2]["content"] for rec in recs} & trained_prompts
     for name in ("dpo", "dpo_eval"):

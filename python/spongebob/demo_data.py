@@ -848,24 +848,10 @@ def _problem(op: str, a: int, b: int, rng: random.Random, en: bool, held: bool =
         n, m = rng.sample(NAMES, 2)
         item, unit = _pick(rng, ITEMS)
     q = story.format(a=a, b=b, n=n, m=m, i=item, u=unit)
-    return Problem(op, a, b, q, worked(op, a, b, en))
-
-
-def worked(op: str, a: int, b: int, en: bool) -> str:
-    """The whole thinking of `a op b`: the expression, the trace, the answer."""
     v = apply_op(op, a, b)
-    colon, stop = (": ", ".") if en else ("：", "。")
-    head = f"{OP_WORDS['en' if en else 'zh'][op]}{colon}{a} {op} {b}{stop}"
+    head = f"{OP_WORDS[lang][op]}{': ' if en else '：'}{a} {op} {b}{'.' if en else '。'}"
     tail = f"So the answer is {v}." if en else f"所以答案是 {v}。"
-    return "\n".join([head, *trace(op, a, b, en), tail])
-
-
-def miscopied(op: str, a: int, b: int) -> int | None:
-    """`b` off by one, staying a valid operand (an error the demo model makes: an operand
-    copied wrong from the story); None when neither neighbour is valid (2 - 1)."""
-    lo, hi = (2, 9) if op == "×" else (1, a - 1 if op == "-" else 99)
-    options = [x for x in (b + 1, b - 1) if lo <= x <= hi]
-    return options[b % len(options)] if options else None
+    return Problem(op, a, b, q, "\n".join([head, *trace(op, a, b, en), tail]))
 
 
 # --- multi-turn recall -----------------------------------------------------------------------
@@ -1224,11 +1210,8 @@ class _Gen:
         replies reason and answer alike; the chosen one adds a sign-off (`SIGN_OFF`) that no
         other file teaches, so the preference is learned from the pairs alone. Identity pairs
         keep DPO's SFT term from teaching every prompt a fact's reply (identity fell from 100 %
-        to 8 % with fact pairs alone). `held` asks in an unseen wording family (eval).
-        Training also holds word problems (`arith_dpo_pair`), which the sign-off never joins."""
+        to 8 % with fact pairs alone). `held` asks in an unseen wording family (eval)."""
         rng = self.rng
-        if not held and rng.random() < 0.25:
-            return self.arith_dpo_pair()
         if rng.random() < 0.2:
             en = rng.random() < 0.25
             q = self.identity_question(en, held=held)
@@ -1250,25 +1233,6 @@ class _Gen:
         return {
             "chosen": [user, _assistant(reply(f"{a} {sign}"))],
             "rejected": [user, _assistant(reply(a))],
-        }
-
-    def arith_dpo_pair(self) -> dict:
-        """A word problem worked right (chosen) and with an operand copied one off (rejected):
-        a preference for correct work, and arithmetic kept in DPO's SFT term (with fact and
-        identity pairs alone, DPO halved the distilled model's arithmetic: 22.5 → 10 %)."""
-        wrong = None
-        while wrong is None:
-            op, a, b = self.arith_pair()
-            wrong = miscopied(op, a, b)
-        en = self.rng.random() < 0.15
-        p = _problem(op, a, b, self.rng, en=en)
-        user = _user(p.question)
-        return {
-            "chosen": [user, _assistant(reasoning(p.think, str(p.value)))],
-            "rejected": [
-                user,
-                _assistant(reasoning(worked(op, a, wrong, en), str(apply_op(op, a, wrong)))),
-            ],
         }
 
     def grpo_prompt(self) -> dict:
