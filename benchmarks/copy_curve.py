@@ -74,10 +74,14 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--scale", type=float, default=6.0, help="× the demo's pretraining records")
     ap.add_argument("--probes", type=int, default=40, help="profiles asked (two questions each)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--work", type=Path, default=Path("runs/copy_curve"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "copy_curve.json")
     args = ap.parse_args()
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     from spongebob import demo_data
     from spongebob.config import stage_config
     from spongebob.demo import PLANS
@@ -139,6 +143,7 @@ def main() -> None:
         "docs": n_docs,
         "tokens_per_step": stage.seq_len * stage.batch_size,
         "train_s": round(train_s, 1),
+        "threads": args.threads,
         "probes_per_kind": args.probes,
         "curve": rows,
         "machine": machine_info(),
