@@ -111,6 +111,7 @@ def main() -> None:
         dtype="fp32",
         kernels="torch",
         seed=0,
+        accum=1,
         init="none",
         seq_len=stage.seq_len,
         batch_size=stage.batch_size,
