@@ -290,6 +290,21 @@ def test_corpus_is_chinese_first_with_some_english(full):
     assert 0.03 < share < 0.3, share
 
 
+def test_long_dialogues_open_with_something_to_answer_not_a_statement_to_acknowledge(small):
+    """A single question after long SFT is answered, not acknowledged: when most dialogues
+    opened with "我住在X。" → "X是个好地方！", unseen fact questions drew that reply and long SFT
+    cost 25 points of facts (README, demo section)."""
+    says = [f for spec in demo_data.RECALL_SLOTS.values() for forms in spec["say"] for f in forms]
+    statement = re.compile("|".join(re.escape(f).replace(re.escape("{v}"), ".+") for f in says))
+    recs = _read(small["sft_1024"])
+    firsts = [rec["conversations"][0] for rec in recs]
+    assert all(m["role"] == "user" for m in firsts)
+    assert not any(statement.fullmatch(m["content"]) for m in firsts)
+    # …and the statements are still there, later in the dialogue.
+    later = [m["content"] for rec in recs for m in rec["conversations"][1:] if m["role"] == "user"]
+    assert sum(bool(statement.fullmatch(t)) for t in later) >= len(recs)
+
+
 POST = ("dpo", "dpo_eval", "grpo")
 
 

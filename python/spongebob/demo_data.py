@@ -1143,7 +1143,9 @@ class _Gen:
 
     def sft_1024(self) -> dict:
         """A multi-turn dialogue of 200–550 estimated tokens (about 250–800 real ones) in which
-        the user states one to three things (a name, a number, a city), mostly early, and asks
+        the user, after an opening question or greeting (a dialogue that opens with a statement
+        teaches a lone question to be acknowledged), states one to three things (a name, a
+        number, a city), mostly early, and asks
         for each of them two to five turns later, some twice: recall that needs the context,
         several times per dialogue, so the stage sees many examples of it for its compute.
         Between them: facts, follow-ups, identity, small talk, arithmetic, a list answer."""
