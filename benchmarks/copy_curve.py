@@ -83,6 +83,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from spongebob import demo_data
+    from spongebob.checkpoint import list_step_checkpoints
     from spongebob.config import stage_config
     from spongebob.demo import PLANS
     from spongebob.tokenizer import load as load_tokenizer
@@ -129,11 +130,9 @@ def main() -> None:
     result = train(cfg)
     train_s = time.perf_counter() - t0
     items = probes(args.probes)
-    ckpts = sorted((args.work / "run" / "pretrain" / "checkpoints").glob("step_*"))
     rows = []
-    for ckpt in ckpts:
-        step = int(ckpt.name.split("_")[1])
-        if step < result.step:
+    for step, ckpt in list_step_checkpoints(args.work / "run" / "pretrain" / "checkpoints"):
+        if step < result.step:  # the last one is `final`, scored below
             rows.append({"step": step, **score(ckpt, tok, items)})
             print(rows[-1], flush=True)
     rows.append({"step": result.step, **score(result.final, tok, items)})

@@ -1145,9 +1145,9 @@ class _Gen:
         """A multi-turn dialogue of 200–550 estimated tokens (about 250–800 real ones) in which
         the user, after an opening question or greeting (a dialogue that opens with a statement
         teaches a lone question to be acknowledged), states one to three things (a name, a
-        number, a city), mostly early, and asks
-        for each of them two to five turns later, some twice: recall that needs the context,
-        several times per dialogue, so the stage sees many examples of it for its compute.
+        number, a city), mostly early, and asks for each of them two to five turns later, some
+        twice: recall that needs the context, several times per dialogue, so the stage sees
+        many examples of it for its compute.
         Between them: facts, follow-ups, identity, small talk, arithmetic, a list answer."""
         rng = self.rng
         turns: list[tuple[str, str]] = [self.identity_turn()] if rng.random() < 0.3 else []
