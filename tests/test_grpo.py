@@ -110,13 +110,18 @@ def test_empty_prompt_file(tmp_path):
 # --- rewards -----------------------------------------------------------------------------------
 
 
-def test_arithmetic_reward_compares_the_answer_block_whitespace_stripped():
+def test_arithmetic_reward_takes_the_answer_block_or_its_only_number():
     assert arithmetic("<think>\n12+30\n</think>\n<answer>\n 42 \n</answer>", answer="42") == 1.0
     assert arithmetic("<answer>42</answer>", answer=" 42\n") == 1.0
     assert arithmetic("<answer>41</answer>", answer="42") == 0.0
     assert arithmetic("42", answer="42") == 0.0  # no answer block
     assert arithmetic("<answer>42", answer="42") == 0.0  # not closed
     assert arithmetic("<answer>4 2</answer>", answer="42") == 0.0
+    # A closing line after the number (DPO's sign-off) still counts; a second number does not.
+    assert arithmetic("<answer>\n27 希望这个回答对你有帮助！\n</answer>", answer="27") == 1.0
+    assert arithmetic("<answer>-3 Hope this helps!</answer>", answer="-3") == 1.0
+    assert arithmetic("<answer>27 or 28</answer>", answer="27") == 0.0
+    assert arithmetic("<answer>127 apples</answer>", answer="27") == 0.0
     with pytest.raises(ValueError, match="reference"):
         arithmetic("<answer>42</answer>", answer=None)
 

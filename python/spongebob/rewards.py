@@ -12,8 +12,11 @@ string), `record` the whole jsonl object.
 Built-ins (`REWARDS`):
 
 * `arithmetic` — 1.0 when the text inside the first `<answer>…</answer>` equals the reference
-  answer, both whitespace-stripped; else 0.0 (no answer block, or another answer). A record
-  without an `"answer"` is an error: this reward has nothing to compare with.
+  answer, both whitespace-stripped, or, for an integer reference, holds that integer as its
+  only number among words ("27 希望这个回答对你有帮助！": a closing line DPO taught must not
+  zero the reward; two numbers score 0, so listing candidates earns nothing); else 0.0 (no
+  answer block, or another answer). A record without an `"answer"` is an error: this reward
+  has nothing to compare with.
 * `format` — 1.0 for a well-formed `<think>…</think><answer>…</answer>` reply, each tag once
   (`spongebob.generate.parse_reasoning`), else 0.0.
 
@@ -41,15 +44,22 @@ from spongebob.generate import parse_reasoning
 
 RewardFn = Callable[..., float]
 
+_INTEGER = re.compile(r"-?\d+")
 _ANSWER = re.compile(rf"{re.escape(REASONING_TAGS[2])}(.*?){re.escape(REASONING_TAGS[3])}", re.S)
 
 
 def arithmetic(completion: str, answer: str | None = None, **_: Any) -> float:
-    """1.0 when the first `<answer>…</answer>` block, stripped, equals `answer`, stripped."""
+    """1.0 when the first `<answer>…</answer>` block states `answer` (module docstring)."""
     if answer is None:
         raise ValueError('the arithmetic reward needs a reference "answer" in the prompt record')
     m = _ANSWER.search(completion)
-    return 1.0 if m is not None and m.group(1).strip() == str(answer).strip() else 0.0
+    if m is None:
+        return 0.0
+    got, ref = m.group(1).strip(), str(answer).strip()
+    if got == ref:
+        return 1.0
+    numbers = _INTEGER.findall(got)
+    return 1.0 if _INTEGER.fullmatch(ref) and numbers == [ref] else 0.0
 
 
 def format_reward(completion: str, **_: Any) -> float:
