@@ -71,7 +71,7 @@ PLANS: dict[str, DemoPlan] = {
             "pretrain": DemoStage(seq_len=256, batch_size=16, lr=3e-3, epochs=2, warmup=20),
             "sft": DemoStage(seq_len=256, batch_size=16, lr=2e-3, epochs=2, warmup=10),
             "sft-long": DemoStage(seq_len=1024, batch_size=4, lr=3e-4, epochs=1, warmup=10),
-            "distill": DemoStage(seq_len=512, batch_size=8, lr=1e-3, epochs=1, warmup=10),
+            "distill": DemoStage(seq_len=512, batch_size=8, lr=1e-3, epochs=2, warmup=10),
             "dpo": DemoStage(
                 seq_len=256,
                 batch_size=8,

@@ -865,26 +865,32 @@ RECALL_SLOTS = {
     "name": {
         "say": (["我叫{v}。", "你好，我是{v}。", "我的名字是{v}。", "叫我{v}就好。"],
                 ["大家都叫我{v}。", "先自我介绍一下，我是{v}。"]),
-        "ack": ["你好，{v}！很高兴认识你。", "好的，{v}，我记住你的名字了。"],
-        "ask": (["我叫什么名字？", "你还记得我的名字吗？", "我的名字是什么？"],
+        "ack": ["你好，{v}！很高兴认识你。我记住了，你叫{v}。", "好的，我记住了，你叫{v}。"],
+        "ask": (["我叫什么名字？", "你还记得我的名字吗？", "我的名字是什么？", "请问我叫什么？",
+                 "我刚才说我叫什么？", "你知道我叫什么吗？", "能再说一遍我的名字吗？",
+                 "我之前告诉过你我的名字，是什么？"],
                 ["刚才我说我叫什么来着？", "你记得该怎么称呼我吗？"]),
         "reply": "你叫{v}。",
     },
     "number": {
         "say": (["我最喜欢的数字是{v}。", "请记住这个数字：{v}。", "我的幸运数字是{v}。"],
                 ["帮我记一个数：{v}。", "我的房间号是{v}。"]),
-        "ack": ["好的，我记住了：{v}。", "没问题，{v}，我记下了。"],
-        "ask": (["我最喜欢的数字是多少？", "我让你记住的数字是几？", "我的幸运数字是多少？"],
+        "ack": ["好的，我记住了，你说的数字是{v}。", "没问题，记下了：你说的数字是{v}。"],
+        "ask": (["我最喜欢的数字是多少？", "我让你记住的数字是几？", "我的幸运数字是多少？",
+                 "请问我说的数字是多少？", "我刚才说的数字是几？", "你知道我的数字是多少吗？",
+                 "能再说一遍那个数字吗？", "我之前告诉过你一个数字，是多少？"],
                 ["刚才让你记的那个数是多少？", "你还记得我说过的数字吗？"]),
-        "reply": "是{v}。",
+        "reply": "你说的数字是{v}。",
     },
     "city": {
         "say": (["我住在{v}。", "我来自{v}。", "我现在在{v}工作。"],
                 ["我老家在{v}。", "我下个月要搬去{v}。"]),
-        "ack": ["{v}是个好地方！", "好的，你在{v}。"],
-        "ask": (["我住在哪个城市？", "我来自哪里？", "我在哪座城市工作？"],
+        "ack": ["{v}是个好地方！我记住了，你说的城市是{v}。", "好的，记下了：你说的城市是{v}。"],
+        "ask": (["我住在哪个城市？", "我来自哪里？", "我在哪座城市工作？", "请问我说的城市是哪个？",
+                 "我刚才说的城市是哪里？", "你知道我在哪个城市吗？", "能再说一遍那个城市吗？",
+                 "我之前告诉过你一个城市，是哪个？"],
                 ["你还记得我说的是哪座城市吗？", "刚才我提到的城市是哪个？"]),
-        "reply": "你说过，是{v}。",
+        "reply": "你说的城市是{v}。",
     },
 }  # fmt: skip
 
@@ -904,6 +910,8 @@ def _separable(pool: list[str]) -> list[str]:
     contained in one ("{t}是什么" sits inside "说说{t}是什么", so it is never held out)."""
     return [h for h in pool if not any(h != t and (h in t or t in h) for t in pool)]
 
+
+RECALL_IN_SFT = 0.15  # the share of sft_512 dialogues that are short recall
 
 # --- the generator -------------------------------------------------------------------------
 
@@ -1079,6 +1087,8 @@ class _Gen:
         a word problem answered directly): several exchanges share one system prompt, which
         is most of a one-question conversation's tokens."""
         turns: list[tuple[str, str]] = []
+        if self.rng.random() < RECALL_IN_SFT:
+            return _conv(*self.short_recall())
         for _ in range(_pick(self.rng, [1, 1, 2, 2, 3])):
             r = self.rng.random()
             if r < 0.72:
@@ -1094,6 +1104,14 @@ class _Gen:
             else:
                 turns.append(self.arith_turn())
         return _conv(*turns)
+
+    def short_recall(self) -> list[tuple[str, str]]:
+        """A statement, one or two short exchanges, then the question about it: recall at a
+        distance of tens of tokens, so SFT keeps the copying pretraining taught."""
+        slot = _pick(self.rng, list(RECALL_SLOTS))
+        q, a, v = self.say(slot)
+        fillers = [self.fact_turn(en_rate=0.1)[:2] for _ in range(self.rng.randint(0, 2))]
+        return [(q, a), *fillers, self.ask(slot, v)]
 
     def long_answer(self) -> tuple[str, str]:
         """A list answer of 12–27 facts: the long replies the 1024 stage is for."""
@@ -1244,13 +1262,17 @@ class _Gen:
         return {"conversations": [_user(p.question)], "answer": str(p.value)}
 
     def recall_eval(self, held: bool) -> tuple[list[dict], str, str]:
-        """A dialogue that states one slot, runs 3–5 other turns, then asks for it."""
+        """A dialogue that states one slot, runs 3–5 other turns, one of them a list answer,
+        then asks for it: the prompt is 250–750 tokens (median ~350 with the demo's tokenizer),
+        past the 256-token windows SFT trains on, so the score measures what long SFT adds."""
         slot = _pick(self.rng, list(RECALL_SLOTS))
         q, a, v = self.say(slot, held, held_value=True)
         turns = [(q, a)]
         prev = None
-        for _ in range(self.rng.randint(3, 5)):
-            turn, prev = self.filler(prev, long_ok=False)
+        n = self.rng.randint(3, 5)
+        at = self.rng.randrange(n)
+        for i in range(n):
+            turn, prev = (self.long_answer(), None) if i == at else self.filler(prev, False)
             turns.append(turn)
         turns.append(self.ask(slot, v, held))
         return _conv(*turns)["conversations"], slot, v
