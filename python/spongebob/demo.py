@@ -75,7 +75,7 @@ PLANS: dict[str, DemoPlan] = {
             "dpo": DemoStage(
                 seq_len=256,
                 batch_size=8,
-                lr=3e-4,
+                lr=1e-4,
                 epochs=2,
                 warmup=5,
                 dpo_beta=0.1,
