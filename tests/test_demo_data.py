@@ -290,9 +290,9 @@ def test_every_recall_reply_repeats_words_the_assistant_said_when_acknowledging(
 
 
 def test_sft_keeps_short_recall_and_the_held_out_recall_wordings_stay_out_of_training(full):
-    """SFT dialogues ask back for a value stated a few turns before (SFT otherwise erases the
-    copying pretraining taught: the copy probe fell from 97.5 % to 0 in the SFT model), and
-    no training user turn uses a held-out statement or question wording."""
+    """SFT dialogues ask back for a value stated a few turns before (without them no SFT
+    dialogue asks for a value the user stated), and no training user turn uses a held-out
+    statement or question wording."""
     asks = {q for spec in demo_data.RECALL_SLOTS.values() for q in spec["ask"][0]}
     short = [r for r in full["sft_512"] if any(m["content"] in asks for m in r["conversations"])]
     share = len(short) / len(full["sft_512"])

@@ -1086,9 +1086,9 @@ class _Gen:
         """One to three exchanges (facts, identity and greetings, a capital with a follow-up,
         a word problem answered directly): several exchanges share one system prompt, which
         is most of a one-question conversation's tokens."""
-        turns: list[tuple[str, str]] = []
         if self.rng.random() < RECALL_IN_SFT:
             return _conv(*self.short_recall())
+        turns: list[tuple[str, str]] = []
         for _ in range(_pick(self.rng, [1, 1, 2, 2, 3])):
             r = self.rng.random()
             if r < 0.72:
@@ -1106,8 +1106,10 @@ class _Gen:
         return _conv(*turns)
 
     def short_recall(self) -> list[tuple[str, str]]:
-        """A statement, one or two short exchanges, then the question about it: recall at a
-        distance of tens of tokens, so SFT keeps the copying pretraining taught."""
+        """A statement, up to two short exchanges, then the question about it: recall at a
+        distance of tens of tokens, in the chat template. It teaches the slots and their
+        questions; it does not keep pretraining's raw-text copying (the copy probe on the SFT
+        model: numbers 2.5 % with it, 0 % without, 97.5–100 % before SFT)."""
         slot = _pick(self.rng, list(RECALL_SLOTS))
         q, a, v = self.say(slot)
         fillers = [self.fact_turn(en_rate=0.1)[:2] for _ in range(self.rng.randint(0, 2))]
