@@ -1257,6 +1257,19 @@ class _Gen:
             "rejected": [user, _assistant(reply(a))],
         }
 
+    def dpo_arith_pair(self) -> dict:
+        """A preference pair on a training word problem: the worked trace and its answer in both
+        replies, the sign-off in the chosen one. DPO's SFT term replays the chosen reply, so
+        without these pairs the traces were forgotten (arithmetic 47.5 → 10 % in the demo)."""
+        en = self.rng.random() < 0.15
+        p = _problem(*self.arith_pair(), self.rng, en=en)
+        sign = SIGN_OFF["en" if en else "zh"]
+        user = _user(p.question)
+        return {
+            "chosen": [user, _assistant(reasoning(p.think, f"{p.value} {sign}"))],
+            "rejected": [user, _assistant(reasoning(p.think, str(p.value)))],
+        }
+
     def grpo_prompt(self) -> dict:
         """A training word problem as an RL prompt: the question and the reference answer that
         the `arithmetic` reward compares the reply's `<answer>` with."""
@@ -1336,6 +1349,7 @@ SIZES = {
     "eval_recall": 45,
     "tool": 2400,
     "dpo": 600,
+    "dpo_arith": 200,
     "dpo_eval": 100,
     "grpo": 400,
 }
@@ -1401,6 +1415,11 @@ def generate(
     files["dpo"] = [post.dpo_pair(held=False) for _ in range(max(1, round(SIZES["dpo"] * scale)))]
     files["dpo_eval"] = [post.dpo_pair(held=True) for _ in range(SIZES["dpo_eval"])]
     files["grpo"] = [post.grpo_prompt() for _ in range(max(1, round(SIZES["grpo"] * scale)))]
+    # Arithmetic pairs from a stream of their own, so the pairs above stay as they were.
+    replay = _Gen(random.Random(seed + 3), train_pairs)
+    files["dpo"] += [
+        replay.dpo_arith_pair() for _ in range(max(1, round(SIZES["dpo_arith"] * scale)))
+    ]
     if template == "chatml":
         trng = random.Random(seed + 1)  # its own stream: the minimind2 files stay as they were
         flat = [p for ps in train_pairs.values() for p in ps]

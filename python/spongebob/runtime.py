@@ -67,6 +67,17 @@ def check_kernels(kernels: str, device: torch.device) -> None:
         )
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX, via oneDNN). Where it
+    does, bf16 autocast trains faster than fp32; where it does not, bf16 is emulated and slower."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def check_training_attention(attention: str, device: torch.device) -> None:
     """FlexAttention has no backward pass on a CPU (torch raises NotImplementedError at the
     first backward), so training there refuses it before any work is done."""
