@@ -327,12 +327,13 @@ def run_demo(
     stages = {
         k: v for k, v in plan.stages.items() if template == "minimind2" or k not in POST_TRAINING
     }
+    compiled = [k for k, v in stages.items() if v.compile and can_compile]
     pairs_file = files["dpo_eval"] if "dpo" in stages else None
     for stage, settings in stages.items():
         t0 = time.perf_counter()
         overrides = asdict(settings)
         eval_file = overrides.pop("eval_file")
-        overrides["compile"] = settings.compile and can_compile
+        overrides["compile"] = stage in compiled
         cfg = stage_config(
             stage,
             data=[str(files[STAGE_DATA[stage]])],
@@ -396,7 +397,7 @@ def run_demo(
         "template": template,
         "seed": seed,
         "dtype": dtype,
-        "compiled": [k for k, v in stages.items() if v.compile and can_compile],
+        "compiled": compiled,
         "wall_s": round(time.perf_counter() - t_all, 1),
         "tokenizer": {"vocab_size": tok.vocab_size, "wall_s": round(tok_s, 1)},
         "untrained": {

@@ -1253,12 +1253,7 @@ class _Gen:
             def reply(text: str) -> str:
                 return self.fact_reasoning(q, text, f)
 
-        sign = SIGN_OFF["en" if en else "zh"]
-        user = _user(q)
-        return {
-            "chosen": [user, _assistant(reply(f"{a} {sign}"))],
-            "rejected": [user, _assistant(reply(a))],
-        }
+        return _signed_pair(q, a, reply, en)
 
     def dpo_arith_pair(self) -> dict:
         """A preference pair on a training word problem: the worked trace and its answer in both
@@ -1266,12 +1261,7 @@ class _Gen:
         without these pairs the traces were forgotten (arithmetic 47.5 → 10 % in the demo)."""
         en = self.rng.random() < 0.15
         p = _problem(*self.arith_pair(), self.rng, en=en)
-        sign = SIGN_OFF["en" if en else "zh"]
-        user = _user(p.question)
-        return {
-            "chosen": [user, _assistant(reasoning(p.think, f"{p.value} {sign}"))],
-            "rejected": [user, _assistant(reasoning(p.think, str(p.value)))],
-        }
+        return _signed_pair(p.question, str(p.value), lambda text: reasoning(p.think, text), en)
 
     def grpo_prompt(self) -> dict:
         """A training word problem as an RL prompt: the question and the reference answer that
@@ -1332,6 +1322,15 @@ class _Gen:
                         "split": "unseen_family" if held else "new_pairing",
                         "id": f"recall:{slot}:{i}", "lang": "zh"})  # fmt: skip
         return out
+
+
+def _signed_pair(question: str, answer: str, reply: Callable[[str], str], en: bool) -> dict:
+    """A DPO pair whose replies differ only by the sign-off after `answer` (in the chosen one)."""
+    user = _user(question)
+    return {
+        "chosen": [user, _assistant(reply(f"{answer} {SIGN_OFF['en' if en else 'zh']}"))],
+        "rejected": [user, _assistant(reply(answer))],
+    }
 
 
 def _estimate_tokens(turns: list[tuple[str, str]]) -> int:
