@@ -202,6 +202,30 @@ def test_answer_accuracy_scores_generated_replies_per_task(chat_tok):
     assert not out[1]["contains"] and "well_formed" not in out[1]
 
 
+def test_task_budgets_cap_each_tasks_replies_and_batches_never_mix_tasks(chat_tok):
+    from spongebob.generate import SamplingConfig
+    from test_generate import Scripted
+
+    # A model that never stops: every reply runs to its batch's budget.
+    (word,) = [int(i) for i in chat_tok.encode("好")]
+    records = []
+    for line in range(1, 8):
+        task = "fact" if line % 2 else "arith"
+        user = {"role": "user", "content": f"问题{line}"}
+        rec = {"conversations": [user, {"role": "assistant", "content": "1"}], "answer": "1"}
+        records.append((line, {**rec, "task": task}))
+    res = answer_accuracy(
+        Scripted([word], chat_tok.vocab_size),
+        chat_tok,
+        records,
+        SamplingConfig(max_new_tokens=12, temperature=0),
+        batch_size=16,
+        task_tokens={"fact": 5, "recall": 50},
+    )
+    lengths = {r["line"]: len(r["reply"]) for r in res["rows"]}
+    assert lengths == {line: 5 if line % 2 else 12 for line in range(1, 8)}
+
+
 def test_bad_lines_name_file_and_line(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text(json.dumps(TEXTS[0]) + "\n{not json\n", encoding="utf-8")

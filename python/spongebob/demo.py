@@ -67,6 +67,9 @@ class DemoPlan:
     # ran 1.6x as fast as fp32 with torch.compile on this project's 2-core test machine.
     cpu_bf16: bool = False
     max_new_tokens: int = 160  # the longest trace (8 × 9) is ~110 tokens
+    # Facts, identity and recall: their longest right reply (reasoning format and sign-off) is
+    # ~70 tokens, and a base model that never stops would run every batch to the cap.
+    short_reply_tokens: int = 96
 
 
 PLANS: dict[str, DemoPlan] = {
@@ -210,7 +213,8 @@ def _score(model, tok, eval_file: Path, plan: DemoPlan, pairs_file: Path | None 
     from spongebob.generate import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=plan.max_new_tokens, temperature=0.0)
-    result = evaluate(model, tok, [eval_file], cfg, limit=plan.eval_limit)
+    short = dict.fromkeys(("fact", "identity", "recall"), plan.short_reply_tokens)
+    result = evaluate(model, tok, [eval_file], cfg, limit=plan.eval_limit, task_tokens=short)
     entry = next(iter(result["files"].values()))
     summary = entry.get("answers", {}).get("summary", {})
     by_task, by_split = summary.get("by_task", {}), summary.get("by_split", {})
@@ -291,6 +295,7 @@ def run_demo(
 
     from spongebob import checkpoint, demo_data
     from spongebob.config import stage_config
+    from spongebob.model import SpongeBob, preset
     from spongebob.runtime import cpu_has_native_bf16
     from spongebob.tokenizer import load as load_tokenizer
     from spongebob.tokenizer import train_tokenizer
@@ -323,12 +328,18 @@ def run_demo(
 
     run = out / "run"
     scores: list[StageScore] = []
-    untrained = None
     stages = {
         k: v for k, v in plan.stages.items() if template == "minimind2" or k not in POST_TRAINING
     }
     compiled = [k for k, v in stages.items() if v.compile and can_compile]
     pairs_file = files["dpo_eval"] if "dpo" in stages else None
+    # The untrained model's score is the floor every stage is compared with.
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model0 = SpongeBob(preset(plan.preset, vocab_size=tok.vocab_size)).eval()
+    untrained = _score(model0, tok, files["eval"], plan, pairs_file)
+    untrained["eval_s"] = round(time.perf_counter() - t0, 1)
+    log(f"untrained model, eval {untrained['eval_s']:.0f}s: {untrained_summary(untrained)}")
     for stage, settings in stages.items():
         t0 = time.perf_counter()
         overrides = asdict(settings)
@@ -354,14 +365,6 @@ def run_demo(
             eval_data=[str(files[eval_file])] if eval_file else None,
             **overrides,
         )
-        if untrained is None:
-            # The untrained model's score is the floor every stage is compared with.
-            from spongebob.model import SpongeBob, preset
-
-            torch.manual_seed(seed)
-            model0 = SpongeBob(preset(plan.preset, vocab_size=tok.vocab_size)).eval()
-            untrained = _score(model0, tok, files["eval"], plan, pairs_file)
-            log(f"untrained model: {untrained_summary(untrained)}")
         log(f"stage {stage}: {STAGE_DATA[stage]}.jsonl, {settings}")
         result = train(cfg)
         wall = time.perf_counter() - t0

@@ -32,7 +32,8 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -288,9 +289,17 @@ def score_reply(
 
 
 def answer_accuracy(
-    model, tok, records: list[tuple[int, dict]], cfg: SamplingConfig, batch_size: int = 16
+    model,
+    tok,
+    records: list[tuple[int, dict]],
+    cfg: SamplingConfig,
+    batch_size: int = 16,
+    task_tokens: Mapping[str, int] | None = None,
 ) -> dict:
-    """Generate a reply for every record with an "answer" and score it."""
+    """Generate a reply for every record with an "answer" and score it. `task_tokens` caps the
+    reply length of some tasks below `cfg.max_new_tokens`: a batch runs until its longest reply
+    stops, so a task whose right replies are short need not pay for another task's long ones
+    (nor for a base model that never stops)."""
     from spongebob.generate import Generator
 
     gen = Generator(model, tok)
@@ -306,14 +315,23 @@ def answer_accuracy(
         kw = {"tools": rec["tools"]} if rec.get("tools") else {}
         ids = [int(i) for i in tok.encode_prompt(prompt, thinking=opened, **kw)]
         todo.append((line_no, rec, ids, reference))
-    # Similar lengths together: less padding per batch.
-    order = sorted(range(len(todo)), key=lambda k: len(todo[k][2]))
+    task_tokens = task_tokens or {}
+
+    def task_of(k: int) -> str:
+        return str(todo[k][1].get("task", "all"))
+
+    # One task per batch (one reply budget), similar prompt lengths together (less padding).
+    order = sorted(range(len(todo)), key=lambda k: (task_of(k), len(todo[k][2])))
     replies: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        outs = gen.generate([todo[k][2] for k in chunk], cfg)
+    start = 0
+    while start < len(order):
+        task = task_of(order[start])
+        chunk = [k for k in order[start : start + batch_size] if task_of(k) == task]
+        budget = min(cfg.max_new_tokens, task_tokens.get(task, cfg.max_new_tokens))
+        outs = gen.generate([todo[k][2] for k in chunk], replace(cfg, max_new_tokens=budget))
         for k, g in zip(chunk, outs, strict=True):
             replies[k] = g.text
+        start += len(chunk)
     rows = []
     for k, (line_no, rec, _, reference) in enumerate(todo):
         reasoning = is_reasoning(rec)
@@ -378,9 +396,11 @@ def evaluate(
     seq_len: int | None = None,
     limit: int | None = None,
     batch_size: int = 16,
+    task_tokens: Mapping[str, int] | None = None,
 ) -> dict:
     """The whole evaluation as a dict (what `spongebob eval` prints and writes). Perplexity
-    covers each whole file; `limit` caps the answer records generated for."""
+    covers each whole file; `limit` caps the answer records generated for; `task_tokens` as in
+    `answer_accuracy`."""
     cfg = cfg or SamplingConfig(max_new_tokens=256, temperature=0.0)
     seq_len = seq_len or min(model.config.max_seq_len - 1, 1024)
     result: dict[str, Any] = {"files": {}}
@@ -389,7 +409,7 @@ def evaluate(
         records = list(read_records(Path(path), limit))
         entry: dict[str, Any] = {"perplexity": perplexity(model, tok, Path(path), seq_len)}
         if any("answer" in r and "conversations" in r for _, r in records):
-            entry["answers"] = answer_accuracy(model, tok, records, cfg, batch_size)
+            entry["answers"] = answer_accuracy(model, tok, records, cfg, batch_size, task_tokens)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         result["files"][str(path)] = entry
     return result
