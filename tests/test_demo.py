@@ -18,6 +18,14 @@ def fast_demo(tmp_path_factory) -> tuple[Path, dict]:
     return out, run_demo(out, "fast", seed=0)
 
 
+def test_unknown_model_preset_is_refused_before_any_work(tmp_path):
+    from spongebob.errors import UserError
+
+    with pytest.raises(UserError, match=r"unknown model preset 'huge'.*demo-wide"):
+        run_demo(tmp_path / "demo", "fast", model_preset="huge")
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.slow
 def test_reduced_demo_runs_every_stage_and_chains_the_checkpoints(fast_demo):
     _, card = fast_demo
@@ -46,6 +54,8 @@ def test_reduced_demo_writes_scorecard_report_and_loss_curves(fast_demo):
     out, card = fast_demo
     on_disk = json.loads((out / "scorecard.json").read_text())
     assert on_disk["stages"] == card["stages"]
+    assert on_disk["preset"] == "tiny"  # the fast plan's model
+    assert card["untrained"]["eval_s"] > 0  # timed apart from pretraining
     report = (out / "report.md").read_text()
     for stage in STAGE_DATA:
         assert (out / f"loss_{stage}.png").is_file()

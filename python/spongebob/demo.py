@@ -20,9 +20,11 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from spongebob.errors import UserError
 
 # Which demo file each stage trains on.
 STAGE_DATA = {
@@ -286,11 +288,16 @@ def first_rows(rows: list[dict], n: int = SAMPLES_PER_TASK) -> list[dict]:
 
 
 def run_demo(
-    out: Path, plan_name: str = "full", seed: int = 0, template: str = "minimind2"
+    out: Path,
+    plan_name: str = "full",
+    seed: int = 0,
+    template: str = "minimind2",
+    model_preset: str | None = None,
 ) -> dict:
     """Run every stage into `out` and return the scorecard (also written as JSON + report).
     `template="chatml"`: the same path on the ChatML family (MiniMind-3's format), with the
-    calculator tool-use task added to the data and the scorecard."""
+    calculator tool-use task added to the data and the scorecard. `model_preset` replaces the
+    plan's model (same stage plans), to measure what model size buys."""
     import torch
 
     from spongebob import checkpoint, demo_data
@@ -302,6 +309,12 @@ def run_demo(
     from spongebob.train import train
 
     plan = PLANS[plan_name]
+    if model_preset is not None:
+        from spongebob.model import PRESETS
+
+        if model_preset not in PRESETS:
+            raise UserError(f"unknown model preset {model_preset!r}; known: {', '.join(PRESETS)}")
+        plan = replace(plan, preset=model_preset)
     dtype = "bf16" if plan.cpu_bf16 and cpu_has_native_bf16() else "fp32"
     # torch.compile on a CPU builds C++ kernels: without a compiler the stages run eagerly.
     can_compile = shutil.which(os.environ.get("CXX", "g++")) is not None
@@ -399,6 +412,7 @@ def run_demo(
         "plan": plan_name,
         "template": template,
         "seed": seed,
+        "preset": plan.preset,
         "dtype": dtype,
         "compiled": compiled,
         "wall_s": round(time.perf_counter() - t_all, 1),
@@ -519,6 +533,12 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--preset",
+        default=None,
+        help="model preset instead of the plan's (full: demo, fast: tiny); demo-wide is 2.4x "
+        "the demo's compute",
+    )
+    p.add_argument(
         "--template",
         choices=["minimind2", "chatml"],
         default="minimind2",
@@ -528,7 +548,7 @@ def add_commands(sub) -> None:
 
 
 def _cmd_demo(args) -> int:
-    card = run_demo(args.out, args.plan, args.seed, args.template)
+    card = run_demo(args.out, args.plan, args.seed, args.template, args.preset)
     print(format_scorecard(card))
     print(
         f"\ntotal {card['wall_s']:.0f}s; scorecard: {args.out / 'scorecard.json'}, "
