@@ -535,8 +535,8 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--preset",
         default=None,
-        help="model preset instead of the plan's (full: demo, fast: tiny); demo-wide is 2.4x "
-        "the demo's compute",
+        help="model preset instead of the plan's (full: demo, fast: tiny); demo-wide has 2.4x "
+        "the demo's parameters",
     )
     p.add_argument(
         "--template",

@@ -88,7 +88,7 @@ PRESETS: dict[str, ModelConfig] = {
     # minutes. It learns to copy a value from its context only after some 300-900 pretraining
     # steps (benchmarks/copy_curve.py), which sets the demo's pretraining length.
     "demo": ModelConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512),
-    # 2.4x the demo's compute a token (4.75M parameters with vocab 2048): `spongebob demo
+    # 2.4x the demo's parameters (4.75M with vocab 2048): `spongebob demo
     # --preset demo-wide` measures what the demo's targets cost in model size (README).
     "demo-wide": ModelConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, ffn_dim=704),
 }
