@@ -313,10 +313,10 @@ def run_demo(
 
     plan = PLANS[plan_name]
     if model_preset is not None:
-        from spongebob.model import PRESETS
-
-        if model_preset not in PRESETS:
-            raise UserError(f"unknown model preset {model_preset!r}; known: {', '.join(PRESETS)}")
+        try:
+            preset(model_preset)  # the preset table's owner names the known ones
+        except KeyError as e:
+            raise UserError(e.args[0]) from None
         plan = replace(plan, preset=model_preset)
     dtype = "bf16" if plan.cpu_bf16 and cpu_has_native_bf16() else "fp32"
     # torch.compile on a CPU builds C++ kernels: without a compiler the stages run eagerly.

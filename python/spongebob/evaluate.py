@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -323,15 +324,15 @@ def answer_accuracy(
     # One task per batch (one reply budget), similar prompt lengths together (less padding).
     order = sorted(range(len(todo)), key=lambda k: (task_of(k), len(todo[k][2])))
     replies: dict[int, str] = {}
-    start = 0
-    while start < len(order):
-        task = task_of(order[start])
-        chunk = [k for k in order[start : start + batch_size] if task_of(k) == task]
+    for task, group in groupby(order, key=task_of):
         budget = min(cfg.max_new_tokens, task_tokens.get(task, cfg.max_new_tokens))
-        outs = gen.generate([todo[k][2] for k in chunk], replace(cfg, max_new_tokens=budget))
-        for k, g in zip(chunk, outs, strict=True):
-            replies[k] = g.text
-        start += len(chunk)
+        task_cfg = replace(cfg, max_new_tokens=budget)
+        ks = list(group)
+        for start in range(0, len(ks), batch_size):
+            chunk = ks[start : start + batch_size]
+            outs = gen.generate([todo[k][2] for k in chunk], task_cfg)
+            for k, g in zip(chunk, outs, strict=True):
+                replies[k] = g.text
     rows = []
     for k, (line_no, rec, _, reference) in enumerate(todo):
         reasoning = is_reasoning(rec)
