@@ -350,6 +350,27 @@ def test_distillation_mixes_facts_and_identity_with_the_arithmetic(full):
     assert 0.3 < share < 0.6, share
 
 
+def test_training_stories_carry_number_free_asides_and_held_out_stories_never_do(full):
+    def asides_in(q: str) -> list[str]:
+        before = [a for a in demo_data.ASIDES["before"] if q.startswith(a + "，")]
+        inside = [a for a in demo_data.ASIDES["inside"]
+                  if re.search("，" + re.escape(a).replace(r"\{n\}", ".{1,3}")
+                               .replace(r"\{m\}", ".{1,3}") + "，", q)]  # fmt: skip
+        return before + inside
+
+    asides = [*demo_data.ASIDES["before"], *demo_data.ASIDES["inside"]]
+    assert not any(re.search(r"\d", a) for a in asides)  # they never touch the operands
+    held = [t for _, ts in demo_data.STORIES["zh"].values() for t in ts]
+    assert not any(a.format(n="", m="") in t for a in asides for t in held)
+    problems = [r["conversations"][0]["content"] for r in full["r1_1024"]]
+    problems = [q for q in problems if re.search(r"\d", q) and not q.isascii()]
+    with_aside = sum(bool(asides_in(q)) for q in problems) / len(problems)
+    assert 0.35 < with_aside < 0.65, with_aside  # half the training stories
+    unseen = [_last(r, "user") for r in full["eval"]
+              if r["task"] == "arith" and r["split"] == "unseen_family"]  # fmt: skip
+    assert unseen and not any(asides_in(q) for q in unseen)
+
+
 def test_corpus_is_chinese_first_with_some_english(full):
     def is_english(rec: dict) -> bool:
         text = rec.get("text") or rec["conversations"][0]["content"]

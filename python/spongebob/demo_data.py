@@ -838,10 +838,33 @@ OP_WORDS = {
 }
 
 
+# Clauses that say nothing about the numbers, put before or inside a training story (half of
+# them), so that the model learns to find the operands and the operator's cue among words that
+# do not matter. Without them an unseen story's own words ("…去学校", "店里…") sent a third of
+# the held-out problems into the fact-recall format. None is a piece of a held-out story.
+ASIDES = {
+    "before": ["今天", "昨天", "星期天", "早上", "下午", "吃完饭以后", "在公园里", "放假的时候"],
+    "inside": ["{n}很高兴", "天气很好", "大家都很开心", "外面下着雨", "{n}数了数", "{m}在旁边看着"],
+}  # fmt: skip
+
+
+def _aside(story: str, rng: random.Random) -> str:
+    """A training story with, half the time, an aside before it or after its first clause."""
+    r = rng.random()
+    if r < 0.25:
+        return f"{_pick(rng, ASIDES['before'])}，{story}"
+    if r < 0.5 and "，" in story:
+        head, rest = story.split("，", 1)
+        return f"{head}，{_pick(rng, ASIDES['inside'])}，{rest}"
+    return story
+
+
 def _problem(op: str, a: int, b: int, rng: random.Random, en: bool, held: bool = False) -> Problem:
     """Word `a op b` as a story (a held-out story when `held`) and work it in a trace."""
     lang = "en" if en else "zh"
     story = _pick(rng, STORIES[lang][op][1 if held else 0])
+    if not (en or held):
+        story = _aside(story, rng)
     if en:
         n, m, item, unit = _pick(rng, EN_NAMES), "", _pick(rng, EN_ITEMS), ""
     else:
