@@ -838,10 +838,11 @@ OP_WORDS = {
 }
 
 
-# Clauses that say nothing about the numbers, put before or inside a training story (half of
-# them), so that the model learns to find the operands and the operator's cue among words that
-# do not matter. Without them an unseen story's own words ("…去学校", "店里…") sent a third of
-# the held-out problems into the fact-recall format. None is a piece of a held-out story.
+# Clauses that say nothing about the numbers, put before or inside a Chinese training story
+# (half of them), so that the model learns to find the operands and the operator's cue among
+# words that do not matter. Without them an unseen story's own words ("…去学校…") sent a quarter
+# of the held-out problems into the fact-recall format (README: asides). None is a piece of a
+# held-out story.
 ASIDES = {
     "before": ["今天", "昨天", "星期天", "早上", "下午", "吃完饭以后", "在公园里", "放假的时候"],
     "inside": ["{n}很高兴", "天气很好", "大家都很开心", "外面下着雨", "{n}数了数", "{m}在旁边看着"],
