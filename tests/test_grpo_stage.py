@@ -86,6 +86,19 @@ def test_grpo_raises_the_reward_of_its_own_samples(tmp_path, setup):
     assert checkpoint.load(r.final).meta["stage"] == "grpo"
 
 
+def test_grpo_top_p_reaches_the_sampler(tmp_path, setup):
+    """One prompt, 16 times: rollouts from the top token only (top-p near 0) are all the same
+    reply, so every step's reward has no spread; the default top-p 1 samples different ones."""
+    base, _, reward = setup
+    same = tmp_path / "same.jsonl"
+    conv = [{"role": "user", "content": "3 + 3 = ?"}]
+    same.write_text((json.dumps({"conversations": conv, "answer": "6"}) + "\n") * 16)
+    train(grpo(tmp_path, base, same, reward, "narrow", max_steps=3, grpo_top_p=1e-6))
+    train(grpo(tmp_path, base, same, reward, "wide", max_steps=3))
+    assert [x["reward_std"] for x in steps(tmp_path / "narrow")] == [0.0, 0.0, 0.0]
+    assert max(x["reward_std"] for x in steps(tmp_path / "wide")) > 0.1
+
+
 def test_a_killed_grpo_run_resumes_with_the_same_rollouts(tmp_path, setup):
     from spongebob.stage import default_dataset_factory
 
@@ -116,6 +129,9 @@ def test_bad_grpo_set_ups_are_one_line_errors(tmp_path, setup):
         train(grpo(tmp_path, base, prompts, reward, "r1", init="none", tokenizer=str(base)))
     with pytest.raises(UserError, match="--grpo-group"):
         grpo(tmp_path, base, prompts, reward, "r2", grpo_group=1)
+    for p in (0.0, 1.5):
+        with pytest.raises(UserError, match="--grpo-top-p must be in"):
+            grpo(tmp_path, base, prompts, reward, "r5", grpo_top_p=p)
     with pytest.raises(UserError, match="no module named 'nowhere_module'"):
         train(grpo(tmp_path, base, prompts, "nowhere_module:fn", "r3"))
     bad = tmp_path / "bad.jsonl"

@@ -173,6 +173,9 @@ class TrainConfig:
     grpo_group: int = opt(8, "GRPO: completions sampled per prompt (the group)")
     grpo_max_new_tokens: int = opt(256, "GRPO: the longest completion, in tokens")
     grpo_temperature: float = opt(1.0, "GRPO: sampling temperature of the rollouts")
+    grpo_top_p: float = opt(
+        1.0, "GRPO: sample the rollouts from the smallest set of tokens with this much probability"
+    )
     grpo_beta: float = opt(0.04, "GRPO: weight of the k3 KL to the starting model (0 = none)")
     grpo_clip: float = opt(0.2, "GRPO: ε of the clipped ratio")
     rewards: list[str] = opt(
@@ -226,6 +229,8 @@ class TrainConfig:
             )
         if self.grpo_beta < 0 or not 0 < self.grpo_clip < 1:
             raise UserError("--grpo-beta cannot be negative and --grpo-clip must be in (0, 1)")
+        if not 0 < self.grpo_top_p <= 1:
+            raise UserError(f"--grpo-top-p must be in (0, 1], not {self.grpo_top_p}")
         if not self.rewards:
             raise UserError("--rewards needs at least one reward")
         if self.dpo_beta <= 0:

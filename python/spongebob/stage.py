@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 # Settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = (
     "kind", "seq_len", "batch_size", "accum", "seed", "think_weight", "val_split", "dpo_beta",
-    "grpo_group", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta", "grpo_clip", "rewards",
+    "grpo_group", "grpo_max_new_tokens", "grpo_temperature", "grpo_top_p",
+    "grpo_beta", "grpo_clip", "rewards",
     "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
 )  # fmt: skip
 
@@ -421,7 +422,7 @@ def _rollouts(st: Stage, resume: Path | None) -> None:
     ref = _starting_model(st, resume) if c.grpo_beta > 0 else None
     rc = RolloutConfig(
         group=c.grpo_group, max_new_tokens=c.grpo_max_new_tokens, temperature=c.grpo_temperature,
-        beta=c.grpo_beta, rewards=tuple(c.rewards),
+        top_p=c.grpo_top_p, beta=c.grpo_beta, rewards=tuple(c.rewards),
     )  # fmt: skip
     for ds in (st.data, st.val):
         if ds is not None:
