@@ -111,12 +111,20 @@ def test_chat_records_alternate_user_and_assistant_and_encode(small, tokenizer):
             assert len(ids) == len(weights) and weights.sum() > 0
 
 
+def long_and_replayed(recs: list[dict], scale: float) -> tuple[list[dict], list[dict]]:
+    """sft_1024's long dialogues, then the short SFT dialogues `generate` replays after them."""
+    n = round(demo_data.SIZES["sft_1024"] * scale)
+    assert len(recs) == n + round(demo_data.SIZES["sft_replay"] * scale)
+    return recs[:n], recs[n:]
+
+
 def test_long_sft_conversations_are_mostly_200_to_1024_tokens(small, tokenizer):
-    lengths = [
-        len(tokenizer.encode_conversation(r["conversations"])[0]) for r in _read(small["sft_1024"])
-    ]
+    long, replayed = long_and_replayed(_read(small["sft_1024"]), 0.1)
+    lengths = [len(tokenizer.encode_conversation(r["conversations"])[0]) for r in long]
     inside = [n for n in lengths if 200 <= n <= 1024]
     assert len(inside) >= 0.9 * len(lengths), sorted(lengths)
+    replay = [len(tokenizer.encode_conversation(r["conversations"])[0]) for r in replayed]
+    assert max(replay) <= 512 and sum(replay) < 0.5 * sum(lengths)
     short = [
         len(tokenizer.encode_conversation(r["conversations"])[0]) for r in _read(small["sft_512"])
     ]
@@ -285,7 +293,8 @@ def test_pretraining_copies_values_from_context_with_training_values_only(full):
 def test_long_sft_dialogues_ask_later_for_what_the_user_stated_earlier(full):
     asks = {q for spec in demo_data.RECALL_SLOTS.values() for q in spec["ask"][0]}
     with_recall = 0
-    for rec in full["sft_1024"]:
+    long, _ = long_and_replayed(full["sft_1024"], 1.0)
+    for rec in long:
         msgs = rec["conversations"]
         for i, m in enumerate(msgs):
             if m["role"] == "user" and m["content"] in asks:
@@ -295,7 +304,7 @@ def test_long_sft_dialogues_ask_later_for_what_the_user_stated_earlier(full):
                 assert i >= 4  # at least two other exchanges in between
                 value = reply.split("是")[-1].split("叫")[-1].strip("。")
                 assert value and value in stated, (reply, stated[:200])
-    assert with_recall >= 0.6 * len(full["sft_1024"])
+    assert with_recall >= 0.6 * len(long)
 
 
 def test_every_recall_reply_repeats_words_the_assistant_said_when_acknowledging(full):
@@ -387,10 +396,13 @@ def test_long_dialogues_open_with_something_to_answer_not_a_statement_to_acknowl
     cost 25 points of facts (README, demo section)."""
     says = [f for spec in demo_data.RECALL_SLOTS.values() for forms in spec["say"] for f in forms]
     statement = re.compile("|".join(re.escape(f).replace(re.escape("{v}"), ".+") for f in says))
-    recs = _read(small["sft_1024"])
+    recs, replayed = long_and_replayed(_read(small["sft_1024"]), 0.1)
     firsts = [rec["conversations"][0] for rec in recs]
     assert all(m["role"] == "user" for m in firsts)
     assert not any(statement.fullmatch(m["content"]) for m in firsts)
+    # Only the replayed short recall of SFT opens with one (as in sft_512: a few in ten).
+    opened = [statement.fullmatch(rec["conversations"][0]["content"]) for rec in replayed]
+    assert sum(map(bool, opened)) <= 2 * demo_data.RECALL_IN_SFT * len(replayed)
     # …and the statements are still there, later in the dialogue.
     later = [m["content"] for rec in recs for m in rec["conversations"][1:] if m["role"] == "user"]
     assert sum(bool(statement.fullmatch(t)) for t in later) >= len(recs)
