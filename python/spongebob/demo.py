@@ -87,8 +87,8 @@ PLANS: dict[str, DemoPlan] = {
             "sft": DemoStage(
                 seq_len=256, batch_size=16, lr=2e-3, epochs=2, warmup=10, compile=True
             ),
-            # Two epochs: recall copies a value across a list answer, and one epoch left it at
-            # 16.7 % against 40.0 % for two, from the same SFT checkpoint (README: recall).
+            # Two epochs: recall copies a value across a list answer; from two SFT checkpoints,
+            # one epoch left it at 16.7 and 20.0 %, two reached 40.0 and 60.0 % (README: recall).
             "sft-long": DemoStage(seq_len=1024, batch_size=4, lr=3e-4, epochs=2, warmup=10),
             # Rows of 256 as in pretraining and SFT: every reasoning record is under 200 tokens,
             # so the rows hold the same records, the compiled graph is reused and attention is

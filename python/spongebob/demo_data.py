@@ -1447,7 +1447,8 @@ def generate(
     # as they were) and with the main generator's pairings. They fill the gaps that packing
     # leaves in rows of 1024 (133 rows an epoch instead of 130) and keep single questions
     # answered: two epochs of long SFT from one SFT checkpoint cost 14.9 points of facts
-    # without them and 9.6 with them, at the same recall (README: recall).
+    # without them and 9.6 with them, at the same recall; after distillation the two are
+    # level again (README: recall).
     short = _Gen(random.Random(seed + 4), train_pairs)
     short.paired = gen.paired
     files["sft_1024"] += [
