@@ -1440,9 +1440,9 @@ def generate(
     # the main generator's pairings, so no fact is asked in the form its eval pairing holds.
     post = _Gen(random.Random(seed + 2), train_pairs)
     post.paired = gen.paired
-    files["dpo"] = [post.dpo_pair(held=False) for _ in range(max(1, round(SIZES["dpo"] * scale)))]
+    files["dpo"] = many(lambda: post.dpo_pair(held=False), "dpo")
     files["dpo_eval"] = [post.dpo_pair(held=True) for _ in range(SIZES["dpo_eval"])]
-    files["grpo"] = [post.grpo_prompt() for _ in range(max(1, round(SIZES["grpo"] * scale)))]
+    files["grpo"] = many(post.grpo_prompt, "grpo")
     # Short SFT dialogues replayed in long SFT, from a stream of their own (the files above stay
     # as they were) and with the main generator's pairings. They fill the gaps that packing
     # leaves in rows of 1024 (133 rows an epoch instead of 130) and keep single questions
@@ -1451,14 +1451,10 @@ def generate(
     # level again (README: recall).
     short = _Gen(random.Random(seed + 4), train_pairs)
     short.paired = gen.paired
-    files["sft_1024"] += [
-        short.sft_512() for _ in range(max(1, round(SIZES["sft_replay"] * scale)))
-    ]
+    files["sft_1024"] += many(short.sft_512, "sft_replay")
     # Arithmetic pairs from a stream of their own, so the pairs above stay as they were.
     replay = _Gen(random.Random(seed + 3), train_pairs)
-    files["dpo"] += [
-        replay.dpo_arith_pair() for _ in range(max(1, round(SIZES["dpo_arith"] * scale)))
-    ]
+    files["dpo"] += many(replay.dpo_arith_pair, "dpo_arith")
     if template == "chatml":
         trng = random.Random(seed + 1)  # its own stream: the minimind2 files stay as they were
         flat = [p for ps in train_pairs.values() for p in ps]
