@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -378,6 +379,20 @@ def test_training_stories_carry_number_free_asides_and_held_out_stories_never_do
     unseen = [_last(r, "user") for r in full["eval"]
               if r["task"] == "arith" and r["split"] == "unseen_family"]  # fmt: skip
     assert unseen and not any(asides_in(q) for q in unseen)
+
+
+def test_sums_and_products_end_with_the_same_questions_so_only_the_cue_tells_them_apart(full):
+    """A question that ends only one operator's stories is a cue the model takes instead of
+    "又" or "每" (a held-out sum ending "现在一共有几…" was worked as a product)."""
+    ends: dict[str, Counter] = {"加法": Counter(), "乘法": Counter()}
+    for r in full["r1_1024"]:
+        op = re.search(r"这是(加法|乘法)", _last(r, "assistant"))
+        question = _last(r, "user")
+        if op and not question.isascii():
+            ends[op[1]][question.rsplit("，", 1)[-1][:4]] += 1
+    for start in ("总共有几", "加起来有", "一共有多", "现在有几"):
+        for op, counts in ends.items():
+            assert counts[start] > 0.02 * sum(counts.values()), (op, start)
 
 
 def test_corpus_is_chinese_first_with_some_english(full):

@@ -819,16 +819,31 @@ STORIES = {
 # instead of memorising a few whole stories. The held-out stories above are not among them.
 _STARTS = ["{n}有{a}{u}{i}", "盒子里有{a}{u}{i}", "篮子里有{a}{u}{i}", "{n}攒了{a}{u}{i}",
            "桌上有{a}{u}{i}", "{n}买了{a}{u}{i}"]  # fmt: skip
+# Sums and products end with the same questions: when "总共有几" ended products only, a
+# held-out sum ending "现在一共有几…" was read as a product in all 24 probes, whatever its
+# "又" (README: arithmetic misses).
+_TOTALS = ["现在一共有多少{u}{i}？", "一共有多少{u}？", "现在有几{u}{i}？", "加起来有多少{u}？",
+           "一共有多少{u}{i}？", "一共多少{u}？", "总共有几{u}？"]  # fmt: skip
+# The clause that holds the second number comes with a word of time before it and, where it
+# gives something away, one of several receivers: the model copied the second number only
+# after the few verbs it had seen right before it, and wrote "19 - 1" for "…分给同学11个…" in
+# 23 of 24 probes while "…分给朋友11个…" read right (README: arithmetic misses).
+_WHEN = ["", "后来", "第二天", "晚上", "中午", "周末", "没多久", "接着"]
+_TO = ["{m}", "朋友", "弟弟", "妹妹", "邻居", "小伙伴们", "大家"]
+
+
+def _when(clauses: list[str]) -> list[str]:
+    return [w + c for w in _WHEN for c in clauses]
+
+
 _COMPOSED = {
-    "+": (_STARTS, ["{m}又给了{n}{b}{u}", "后来又买了{b}{u}", "又放进去{b}{u}", "{m}又送来{b}{u}",
-                    "又找到{b}{u}", "又多了{b}{u}"],
-          ["现在一共有多少{u}{i}？", "一共有多少{u}？", "现在有几{u}{i}？", "加起来有多少{u}？"]),
-    "-": (_STARTS, ["送给{m}{b}{u}", "用掉了{b}{u}", "拿走了{b}{u}", "吃掉了{b}{u}", "弄丢了{b}{u}",
-                    "分给朋友{b}{u}"],
+    "+": (_STARTS, _when(["{m}又给了{n}{b}{u}", "又买了{b}{u}", "又放进去{b}{u}", "{m}又送来{b}{u}",
+                          "又找到{b}{u}", "又多了{b}{u}"]), _TOTALS),
+    "-": (_STARTS, _when(["用掉了{b}{u}", "拿走了{b}{u}", "吃掉了{b}{u}", "弄丢了{b}{u}",
+                          *(f"{v}{to}{{b}}{{u}}" for v in ("送给", "分给") for to in _TO)]),
           ["还剩多少{u}{i}？", "还剩下多少{u}？", "还剩几{u}？", "现在还剩多少{u}？"]),
     "×": (["每个盒子里有{a}{u}{i}", "每袋装{a}{u}{i}", "每个篮子放{a}{u}{i}", "每组有{a}{u}{i}"],
-          ["一共有{b}个盒子", "有{b}袋", "有{b}个篮子", "一共{b}组", "{n}拿了{b}份"],
-          ["一共有多少{u}{i}？", "一共多少{u}？", "总共有几{u}？"]),
+          ["一共有{b}个盒子", "有{b}袋", "有{b}个篮子", "一共{b}组", "{n}拿了{b}份"], _TOTALS),
 }  # fmt: skip
 for _op, (_s, _m, _q) in _COMPOSED.items():
     STORIES["zh"][_op][0].extend(f"{a}，{b}，{c}" for a in _s for b in _m for c in _q)
