@@ -395,6 +395,28 @@ def test_sums_and_products_end_with_the_same_questions_so_only_the_cue_tells_the
             assert counts[start] > 0.02 * sum(counts.values()), (op, start)
 
 
+def test_the_second_number_of_training_stories_follows_many_different_words(full):
+    """A model that saw the second number right after a few verbs copied it only there: half
+    the clauses holding it open with a word of time, and what is given away goes to several
+    receivers, never the held-out one ("…分给同学{b}…")."""
+    words = [w for w in demo_data._WHEN if w]
+    timed = {"加法": Counter(), "减法": Counter()}
+    receivers: Counter = Counter()
+    for r in full["r1_1024"]:
+        op = re.search(r"这是(加法|减法)：\d+ . (\d+)", _last(r, "assistant"))
+        question = _last(r, "user")
+        if not op or question.isascii():
+            continue
+        clause = next(c for c in question.split("，") if re.search(rf"(?<!\d){op[2]}\D", c))
+        timed[op[1]][any(clause.startswith(w) for w in words)] += 1
+        given = re.search(r"(?:送给|分给)(\D+?)" + op[2], clause)
+        if given and given[1] not in demo_data.NAMES:
+            receivers[given[1]] += 1
+    for op, counts in timed.items():
+        assert counts[True] > 0.5 * sum(counts.values()), (op, counts)
+    assert len(receivers) >= 5 and "同学" not in receivers, receivers
+
+
 def test_corpus_is_chinese_first_with_some_english(full):
     def is_english(rec: dict) -> bool:
         text = rec.get("text") or rec["conversations"][0]["content"]
