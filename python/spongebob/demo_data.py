@@ -616,15 +616,6 @@ EVERYDAY = {
         "Could you help me with this box?", "What is the time?",
     ],
 }  # fmt: skip
-# The held-out word problems' own words (and the held-out recall statement's 搬), never in a
-# word problem: one or two of these join each Chinese everyday document, so the sentences
-# above keep their share. Without them 收, 原, 架, 校, 店, 卖 and 排 were in no training text.
-STORY_WORDS = [
-    "我原本想去公园，后来下雨了。", "这里原本是一片草地。", "你收到我的信了吗？",
-    "下周我们给奶奶过生日。", "书架上放满了书。", "请把那本词典拿来。", "我们学校很大。",
-    "同学们在操场上跑步。", "店里今天人很多。", "这家店卖水果。", "那些画很快就卖出去了。",
-    "大家排好队。", "我坐在第一排。", "我每周去一次图书馆。", "他们上个月搬家了。",
-]  # fmt: skip
 
 
 def _pick(rng: random.Random, xs: list):
@@ -1097,8 +1088,6 @@ class _Gen:
         if r < 0.60:
             lang = "en" if rng.random() < 0.3 else "zh"
             sents = rng.sample(EVERYDAY[lang], rng.randint(3, 6))
-            if lang == "zh":
-                sents += rng.sample(STORY_WORDS, rng.randint(1, 2))
             head = "Everyday English: " if lang == "en" else "日常用语："
             return {"text": "<s>" + head + " ".join(sents) + "</s>"}
         kind = _pick(rng, ["capital", "capital", "thing", "thing", "who", "year"])
