@@ -5,8 +5,9 @@
 The scorecard gives one arithmetic number per stage over six held-out stories; a story that
 fails in every run hides there. This asks a checkpoint the same 24 problems (two-digit numbers,
 seeded) in each held-out story and in that story with one piece changed (its question, a
-clause, the receiver), plus two training stories as a control, and counts the right answers
-and the replies whose first line copies both numbers and the operator ("这是加法：51 + 29。").
+clause, the receiver), plus two stories recombined from training pieces as a control, and
+counts the right answers and the replies whose first line copies both numbers and the operator
+("这是加法：51 + 29。").
 A piece whose removal moves the count is what the model reads wrongly (README: arithmetic
 misses). Prints one JSON line per story; `--out` also writes them as a JSON list.
 """
@@ -19,26 +20,31 @@ import random
 import re
 from pathlib import Path
 
-from spongebob import checkpoint
+from spongebob import checkpoint, demo_data
 from spongebob.generate import Generator, SamplingConfig
 from spongebob.tokenizer import load
 
-# (operator, label, story): held-out stories of `demo_data.STORIES` and one-piece edits of them.
+
+def _held(op: str, start: str) -> str:
+    """The held-out Chinese story of `op` that starts with `start` (`demo_data.STORIES`)."""
+    return next(t for t in demo_data.STORIES["zh"][op][1] if t.startswith(start))
+
+
+BIRTHDAY, SHELF = _held("+", "{n}原本有"), _held("+", "书架上有")
+SCHOOL, SHOP = _held("-", "{n}带了"), _held("-", "店里原有")
+# (operator, label, story): held-out stories, one-piece edits of them, and two stories recombined
+# from training pieces as a control.
 STORIES = [
-    ("+", "held-out: 原本有…过生日时又收到…现在一共有几",
-     "{n}原本有{a}{u}{i}，过生日时又收到{b}{u}，现在一共有几{u}{i}？"),
-    ("+", "  asking 现在一共有多少",
-     "{n}原本有{a}{u}{i}，过生日时又收到{b}{u}，现在一共有多少{u}{i}？"),
-    ("+", "  without 过生日时", "{n}原本有{a}{u}{i}，又收到{b}{u}，现在一共有几{u}{i}？"),
-    ("+", "held-out: 书架上有…又拿来", "书架上有{a}{u}{i}，{n}又拿来{b}{u}，现在一共有多少{u}？"),
-    ("-", "held-out: 带了…去学校，分给同学",
-     "{n}带了{a}{u}{i}去学校，分给同学{b}{u}，还剩多少{u}{i}？"),
-    ("-", "  分给朋友 (a training receiver)",
-     "{n}带了{a}{u}{i}去学校，分给朋友{b}{u}，还剩多少{u}{i}？"),
-    ("-", "held-out: 店里原有…卖出", "店里原有{a}{u}{i}，卖出{b}{u}后还剩几{u}？"),
-    ("+", "training: …又找到…", "{n}有{a}{u}{i}，又找到{b}{u}，一共有多少{u}？"),
-    ("-", "training: …送给{m}…", "{n}有{a}{u}{i}，送给{m}{b}{u}，还剩多少{u}？"),
-]  # fmt: skip
+    ("+", "held-out: 原本有…过生日时又收到…现在一共有几", BIRTHDAY),
+    ("+", "  asking 现在一共有多少", BIRTHDAY.replace("现在一共有几", "现在一共有多少")),
+    ("+", "  without 过生日时", BIRTHDAY.replace("过生日时", "")),
+    ("+", "held-out: 书架上有…又拿来", SHELF),
+    ("-", "held-out: 带了…去学校，分给同学", SCHOOL),
+    ("-", "  分给朋友 (a training receiver)", SCHOOL.replace("分给同学", "分给朋友")),
+    ("-", "held-out: 店里原有…卖出", SHOP),
+    ("+", "training pieces: …又找到…", "{n}有{a}{u}{i}，又找到{b}{u}，一共有多少{u}？"),
+    ("-", "training pieces: …送给{m}…", "{n}有{a}{u}{i}，送给{m}{b}{u}，还剩多少{u}？"),
+]
 NAMES = ["小明", "小红", "妈妈", "爷爷", "小丽", "小刚"]
 ITEMS = [("个", "苹果"), ("颗", "糖果"), ("本", "故事书"), ("个", "气球")]
 
