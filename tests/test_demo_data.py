@@ -292,7 +292,7 @@ def test_pretraining_copies_values_from_context_with_training_values_only(full):
 
 
 def test_long_sft_dialogues_ask_later_for_what_the_user_stated_earlier(full):
-    asks = {q for spec in demo_data.RECALL_SLOTS.values() for q in spec["ask"][0]}
+    asks = demo_data.recall_asks()
     with_recall = 0
     long, _ = long_and_replayed(full["sft_1024"], 1.0)
     for rec in long:
@@ -312,7 +312,7 @@ def test_every_recall_reply_repeats_words_the_assistant_said_when_acknowledging(
     """The acknowledgement restates the value in the reply's own words ("你说的数字是458"), so
     answering is a copy of the assistant's earlier sentence whatever wording the user stated
     it in: recall then turns on recognising the slot, not on matching the user's phrasing."""
-    asks = {q for spec in demo_data.RECALL_SLOTS.values() for q in spec["ask"][0]}
+    asks = demo_data.recall_asks()
     n = 0
     for name in ("sft_512", "sft_1024"):
         for rec in full[name]:
@@ -330,7 +330,7 @@ def test_sft_keeps_short_recall_and_the_held_out_recall_wordings_stay_out_of_tra
     """SFT dialogues ask back for a value stated a few turns before (without them no SFT
     dialogue asks for a value the user stated), and no training user turn uses a held-out
     statement or question wording."""
-    asks = {q for spec in demo_data.RECALL_SLOTS.values() for q in spec["ask"][0]}
+    asks = demo_data.recall_asks()
     short = [r for r in full["sft_512"] if any(m["content"] in asks for m in r["conversations"])]
     share = len(short) / len(full["sft_512"])
     assert 0.05 < share < 0.3, share
@@ -342,6 +342,22 @@ def test_sft_keeps_short_recall_and_the_held_out_recall_wordings_stay_out_of_tra
     for form in held:
         pattern = re.compile(re.escape(form).replace(re.escape("{v}"), ".+"))
         assert not any(pattern.fullmatch(u) for u in users), form
+
+
+def test_held_out_recall_wordings_are_made_of_characters_training_turns_use(full):
+    """A held-out recall sentence is a new combination of known words, as a held-out fact
+    wording is: when 来/着/提 occurred in no training text, each held-out question was won or
+    lost as a block (README, recall)."""
+    users = [m["content"] for n in TRAIN for r in full[n] for m in r["conversations"]
+             if m["role"] == "user"]  # fmt: skip
+    known = set("".join(users)) | set("".join(r["text"] for r in full["pretrain"]))
+    held = [f.replace("{v}", "") for spec in demo_data.RECALL_SLOTS.values()
+            for k in ("say", "ask") for f in spec[k][1]]  # fmt: skip
+    assert {(f, c) for f in held for c in f if c not in known} == set()
+    # and the training questions come from parts: openings, many forms, endings
+    for slot in demo_data.RECALL_SLOTS:
+        asked = {u for u in users if u in demo_data.recall_asks(slot)}
+        assert len(asked) > 100, (slot, len(asked))
 
 
 def test_recall_eval_puts_a_long_answer_between_the_statement_and_the_question(full):

@@ -901,38 +901,70 @@ def _problem(op: str, a: int, b: int, rng: random.Random, en: bool, held: bool =
 
 SURNAMES = "王李张刘陈杨赵黄周吴"
 GIVEN_NAMES = ["小雨", "明轩", "子涵", "浩然", "思琪", "一诺", "欣怡", "俊杰", "雨桐", "宇航"]
+# A training question is an opening, a form and an ending (as fact questions are); a held-out
+# question is one whole sentence that eval uses as it stands. As in the fact tables, the
+# held-out sentences are made of words training uses elsewhere: 来着, 提到, 你记得, 记的, 那个数
+# occur in training forms of this or another slot, never in the held-out combination. 称呼 is
+# in a statement ("你可以称呼我…"), not a question: a training question "你该怎么称呼我" made
+# the held-out identity question "我该怎么称呼你" answer "你叫…" (identity 100 → 75 %).
+# (Before, those words occurred in no training text, and each held-out question was won or
+# lost as a block: README, recall.)
 RECALL_SLOTS = {
     "name": {
-        "say": (["我叫{v}。", "你好，我是{v}。", "我的名字是{v}。", "叫我{v}就好。"],
+        "say": (["我叫{v}。", "你好，我是{v}。", "我的名字是{v}。", "叫我{v}就好。",
+                 "朋友们都叫我{v}。", "我先介绍一下，我叫{v}。", "你可以称呼我{v}。"],
                 ["大家都叫我{v}。", "先自我介绍一下，我是{v}。"]),
         "ack": ["你好，{v}！很高兴认识你。我记住了，你叫{v}。", "好的，我记住了，你叫{v}。"],
-        "ask": (["我叫什么名字？", "你还记得我的名字吗？", "我的名字是什么？", "请问我叫什么？",
-                 "我刚才说我叫什么？", "你知道我叫什么吗？", "能再说一遍我的名字吗？",
-                 "我之前告诉过你我的名字，是什么？"],
+        "ask": (["我叫什么名字", "你还记得我的名字吗", "我的名字是什么", "请问我叫什么",
+                 "我刚才说我叫什么", "你知道我叫什么吗", "能再说一遍我的名字吗",
+                 "我之前告诉过你我的名字，是什么", "我叫什么来着", "你记得我的名字吗",
+                 "我之前提到过我的名字，是什么", "我的名字你还记得吗"],
                 ["刚才我说我叫什么来着？", "你记得该怎么称呼我吗？"]),
         "reply": "你叫{v}。",
     },
     "number": {
-        "say": (["我最喜欢的数字是{v}。", "请记住这个数字：{v}。", "我的幸运数字是{v}。"],
+        "say": (["我最喜欢的数字是{v}。", "请记住这个数字：{v}。", "我的幸运数字是{v}。",
+                 "帮我记住这个数：{v}。", "我家的门牌号是{v}。"],
                 ["帮我记一个数：{v}。", "我的房间号是{v}。"]),
         "ack": ["好的，我记住了，你说的数字是{v}。", "没问题，记下了：你说的数字是{v}。"],
-        "ask": (["我最喜欢的数字是多少？", "我让你记住的数字是几？", "我的幸运数字是多少？",
-                 "请问我说的数字是多少？", "我刚才说的数字是几？", "你知道我的数字是多少吗？",
-                 "能再说一遍那个数字吗？", "我之前告诉过你一个数字，是多少？"],
+        "ask": (["我最喜欢的数字是多少", "我让你记住的数字是几", "我的幸运数字是多少",
+                 "请问我说的数字是多少", "我刚才说的数字是几", "你知道我的数字是多少吗",
+                 "能再说一遍那个数字吗", "我之前告诉过你一个数字，是多少", "那个数是多少来着",
+                 "你记得我的幸运数字吗", "我之前提到的数字是几", "我让你记的数是多少"],
                 ["刚才让你记的那个数是多少？", "你还记得我说过的数字吗？"]),
         "reply": "你说的数字是{v}。",
     },
     "city": {
-        "say": (["我住在{v}。", "我来自{v}。", "我现在在{v}工作。"],
+        "say": (["我住在{v}。", "我来自{v}。", "我现在在{v}工作。", "我家在{v}。",
+                 "我明年要搬到{v}。"],
                 ["我老家在{v}。", "我下个月要搬去{v}。"]),
         "ack": ["{v}是个好地方！我记住了，你说的城市是{v}。", "好的，记下了：你说的城市是{v}。"],
-        "ask": (["我住在哪个城市？", "我来自哪里？", "我在哪座城市工作？", "请问我说的城市是哪个？",
-                 "我刚才说的城市是哪里？", "你知道我在哪个城市吗？", "能再说一遍那个城市吗？",
-                 "我之前告诉过你一个城市，是哪个？"],
+        "ask": (["我住在哪个城市", "我来自哪里", "我在哪座城市工作", "请问我说的城市是哪个",
+                 "我刚才说的城市是哪里", "你知道我在哪个城市吗", "能再说一遍那个城市吗",
+                 "我之前告诉过你一个城市，是哪个", "我住在哪个城市来着", "你记得我在哪个城市吗",
+                 "我提到过一个城市，是哪个", "我说的是哪座城市", "你还记得我来自哪里吗"],
                 ["你还记得我说的是哪座城市吗？", "刚才我提到的城市是哪个？"]),
         "reply": "你说的城市是{v}。",
     },
 }  # fmt: skip
+RECALL_OPENINGS = ["", "", "", "对了，", "请问", "嗯，", "那", "顺便问一下，", "考考你："]
+RECALL_ENDINGS = ["？", "？", "?", "呢？"]  # "呢" never after a form that ends in 吗
+
+
+def recall_ask(opening: str, form: str, ending: str) -> str:
+    """A training recall question from its parts (请问 is not doubled; 呢 not after 吗)."""
+    if form.startswith("请问") and opening == "请问":
+        opening = ""
+    if form.endswith("吗") and ending == "呢？":
+        ending = "？"
+    return opening + form + ending
+
+
+def recall_asks(slot: str | None = None) -> set[str]:
+    """Every training recall question (of one slot, or of all): what the tests match."""
+    slots = [slot] if slot else list(RECALL_SLOTS)
+    return {recall_ask(o, f, e) for s in slots for f in RECALL_SLOTS[s]["ask"][0]
+            for o in RECALL_OPENINGS for e in RECALL_ENDINGS}  # fmt: skip
 
 
 def recall_values(slot: str, held: bool) -> list[str]:
@@ -1043,7 +1075,13 @@ class _Gen:
 
     def ask(self, slot: str, v: str, held: bool = False) -> tuple[str, str]:
         spec = RECALL_SLOTS[slot]
-        return _pick(self.rng, spec["ask"][1 if held else 0]), spec["reply"].format(v=v)
+        if held:
+            return _pick(self.rng, spec["ask"][1]), spec["reply"].format(v=v)
+        rng = self.rng
+        q = recall_ask(
+            _pick(rng, RECALL_OPENINGS), _pick(rng, spec["ask"][0]), _pick(rng, RECALL_ENDINGS)
+        )
+        return q, spec["reply"].format(v=v)
 
     # records -------------------------------------------------------------------------------
 
