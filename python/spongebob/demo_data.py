@@ -1074,13 +1074,12 @@ class _Gen:
         return q, _pick(self.rng, spec["ack"]).format(v=v), v
 
     def ask(self, slot: str, v: str, held: bool = False) -> tuple[str, str]:
-        spec = RECALL_SLOTS[slot]
-        if held:
-            return _pick(self.rng, spec["ask"][1]), spec["reply"].format(v=v)
-        rng = self.rng
-        q = recall_ask(
-            _pick(rng, RECALL_OPENINGS), _pick(rng, spec["ask"][0]), _pick(rng, RECALL_ENDINGS)
-        )
+        spec, rng = RECALL_SLOTS[slot], self.rng
+        if held:  # a held-out question is one whole sentence
+            q = _pick(rng, spec["ask"][1])
+        else:
+            opening, form = _pick(rng, RECALL_OPENINGS), _pick(rng, spec["ask"][0])
+            q = recall_ask(opening, form, _pick(rng, RECALL_ENDINGS))
         return q, spec["reply"].format(v=v)
 
     # records -------------------------------------------------------------------------------
